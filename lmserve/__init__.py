@@ -1,0 +1,9 @@
+"""lmserve: an LLM inference and serving engine on PyTorch (GGUF and safetensors checkpoints,
+paged KV cache, continuous batching)."""
+
+from lmserve.entrypoints.llm import LLM
+from lmserve.outputs import CompletionOutput, RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__version__ = "0.1.0"

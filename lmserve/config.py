@@ -1,0 +1,128 @@
+"""Configuration dataclasses: what a checkpoint describes (`ModelConfig`) and how the engine
+runs it (`EngineConfig`). Both validate at construction and name the bad field on failure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lmserve.errors import InvalidParameterError
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and hyper-parameters of a decoder-only transformer, independent of file format."""
+
+    architecture: str  # model family key in lmserve.models.MODEL_REGISTRY, e.g. "llama"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF-style dict with "rope_type" and its parameters
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    name: str = ""
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise InvalidParameterError(name, f"must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise InvalidParameterError(
+                "num_kv_heads", f"must divide num_heads ({self.num_heads}), got {self.num_kv_heads}")
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes of K and V cache one token occupies across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """Map a user dtype name ("auto", "float32", "bf16", ...) to a torch dtype for `device`."""
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype == "auto":
+        resolved = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif dtype in _DTYPES:
+        resolved = _DTYPES[dtype]
+    else:
+        raise InvalidParameterError("dtype", f"must be one of auto, {', '.join(sorted(_DTYPES))}; got {dtype!r}")
+    if resolved == torch.float16 and device.type == "cpu":
+        raise InvalidParameterError("dtype", "float16 is supported on GPU only; use float32 or bfloat16 on CPU")
+    return resolved
+
+
+def parse_bytes(value: int | str, field_name: str) -> int:
+    """Accept a byte count as an int or a string such as '2GiB', '512MB'."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise InvalidParameterError(field_name, f"must be positive, got {value}")
+        return value
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    text = str(value).strip().lower()
+    for suffix, scale in units.items():
+        if text.endswith(suffix):
+            number = text[: -len(suffix)].strip()
+            break
+    else:
+        number, scale = text, 1
+    try:
+        result = int(float(number) * scale)
+    except ValueError:
+        raise InvalidParameterError(field_name, f"must be a byte count such as 2GiB or 536870912, got {value!r}") from None
+    if result <= 0:
+        raise InvalidParameterError(field_name, f"must be positive, got {value!r}")
+    return result
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs a model: device, precision, KV-cache size and per-step budgets."""
+
+    device: str = "cpu"
+    dtype: str | torch.dtype = "auto"
+    block_size: int = 16
+    kv_cache_memory: int | str = "1GiB"
+    num_kv_blocks: int | None = None  # overrides the count computed from kv_cache_memory
+    max_model_len: int | None = None  # defaults to the model's context length
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    seed: int = 0
+
+    def __post_init__(self):
+        try:
+            self.torch_device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise InvalidParameterError("device", f"unknown device {self.device!r} (use cpu or cuda)") from None
+        if self.torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidParameterError("device", "cuda requested but no CUDA GPU is available")
+        self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)
+        self.kv_cache_bytes = parse_bytes(self.kv_cache_memory, "kv_cache_memory")
+        for name, low in (("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise InvalidParameterError(name, f"must be an integer >= {low}, got {value!r}")
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
+            raise InvalidParameterError("num_kv_blocks", f"must be an integer >= 1, got {self.num_kv_blocks!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise InvalidParameterError("max_model_len", f"must be an integer >= 1, got {self.max_model_len!r}")

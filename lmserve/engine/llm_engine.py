@@ -1,0 +1,241 @@
+"""The synchronous engine core: requests in, per-step outputs out.
+
+`add_request` validates and queues a request; each `step()` schedules a batch, runs the model
+once, samples one token for every sequence that reached the end of its known tokens, updates
+text and stop conditions, frees the blocks of finished sequences at once, and returns the
+outputs of the requests that progressed. There are no threads or asyncio here; the server and
+the `LLM` class drive `step()` in a loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from contextlib import contextmanager
+
+import torch
+
+from lmserve.config import EngineConfig
+from lmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.model_runner import ModelRunner, num_kv_blocks_for
+from lmserve.engine.sampler import Sampler, SamplingRow
+from lmserve.engine.scheduler import Scheduler
+from lmserve.engine.sequence import Request, Sequence, SequenceStatus
+from lmserve.errors import ContextLengthError, InvalidParameterError, LmserveError, ModelLoadError
+from lmserve.loader import Checkpoint
+from lmserve.models import MODEL_REGISTRY
+from lmserve.models.weights import WeightLoadError, load_weights
+from lmserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("lmserve")
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(checkpoint: Checkpoint, engine_config: EngineConfig, max_model_len: int) -> torch.nn.Module:
+    cfg = checkpoint.config
+    model_cls = MODEL_REGISTRY.get(cfg.architecture)
+    if model_cls is None:
+        raise ModelLoadError(checkpoint.path, f"unsupported architecture {cfg.architecture!r} "
+                                              f"(supported: {', '.join(MODEL_REGISTRY)})")
+    with _default_dtype(engine_config.torch_dtype), torch.device(engine_config.torch_device):
+        model = model_cls(cfg, max_model_len)
+    try:
+        load_weights(model, checkpoint.tensors(), model.packed_modules, model.ignored_checkpoint_suffixes)
+    except WeightLoadError as exc:
+        raise ModelLoadError(checkpoint.path, str(exc)) from None
+    return model.eval()
+
+
+class LLMEngine:
+    def __init__(self, checkpoint: Checkpoint, engine_config: EngineConfig):
+        self.checkpoint = checkpoint
+        self.config = engine_config
+        self.model_config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        num_blocks = num_kv_blocks_for(self.model_config, engine_config)
+        capacity = num_blocks * engine_config.block_size
+        max_len = min(self.model_config.max_position_embeddings, engine_config.max_model_len or 1 << 62)
+        if max_len > capacity:
+            logger.warning("max_model_len lowered from %d to the KV cache capacity of %d tokens", max_len, capacity)
+            max_len = capacity
+        self.max_model_len = max_len
+        start = time.perf_counter()
+        self.model = build_model(checkpoint, engine_config, max_len)
+        logger.info("loaded %s (%s) in %.1f s", checkpoint.path, self.model_config.architecture,
+                    time.perf_counter() - start)
+        self.block_manager = BlockManager(num_blocks, engine_config.block_size)
+        self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
+                                   engine_config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.model_config, engine_config, num_blocks)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._seed_source = torch.Generator().manual_seed(engine_config.seed)
+        if self.tokenizer is not None:
+            self.stop_token_ids = frozenset(self.tokenizer.stop_token_ids)
+        else:
+            self.stop_token_ids = frozenset(self.model_config.eos_token_ids)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidParameterError("prompt", "this model has no tokenizer; pass token ids instead of text")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                       for t in prompt):
+            ids, text = list(prompt), None
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise InvalidParameterError(
+                    "prompt", f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
+        else:
+            raise InvalidParameterError("prompt", "must be a string or a list of integer token ids")
+        if not ids:
+            raise InvalidParameterError("prompt", "must not be empty")
+        return text, ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        text, ids = self._prompt_ids(prompt)
+        limit = self.max_model_len
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
+        if len(ids) + max_tokens > limit:
+            raise ContextLengthError(
+                "max_tokens" if len(ids) < limit else "prompt",
+                f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}: {len(ids) + max_tokens} "
+                f"exceeds the context limit of {limit} tokens")
+        request_id = request_id if request_id is not None else str(next(self._request_ids))
+        if request_id in self.requests:
+            raise InvalidParameterError("request_id", f"{request_id!r} is already in use")
+        request = Request(request_id, text, ids, params)
+        for index in range(params.n):
+            seq = Sequence(next(self._seq_ids), request, index, list(ids), len(ids),
+                           generator=None if params.greedy else self._generator(params.seed, index))
+            if self.tokenizer is not None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            if params.stop:
+                seq.stop_matcher = StopStringMatcher(params.stop)
+            request.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        return request_id
+
+    def _generator(self, seed: int | None, index: int) -> torch.Generator:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
+        else:
+            seed = seed + index * 1_000_003  # n samples of one seeded request must differ
+        return torch.Generator(device=self.config.torch_device).manual_seed(seed)
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self._finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one iteration ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        logits = self.runner.execute(scheduled, self.block_manager)
+        for r in scheduled:
+            r.seq.num_computed_tokens += r.num_tokens
+        sampling = [r.seq for r in scheduled if r.seq.num_computed_tokens == r.seq.num_tokens]
+        rows = [SamplingRow(s.params, s.generator, s.token_ids[: s.num_prompt_tokens], s.output_token_ids)
+                for s in sampling]
+        result = self.sampler(logits, rows, [self.stop_token_ids | set(s.params.stop_token_ids or ())
+                                             for s in sampling])
+        now = time.perf_counter()
+        touched: dict[str, Request] = {}
+        for i, seq in enumerate(sampling):
+            self._append_token(seq, result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
+            if seq.request.first_token_time is None:
+                seq.request.first_token_time = now
+            touched[seq.request.request_id] = seq.request
+        outputs = []
+        for request in touched.values():
+            if request.is_finished:
+                request.finished_time = now
+                self.requests.pop(request.request_id, None)
+            outputs.append(self._make_output(request))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float,
+                      top: list[tuple[int, float]] | None) -> None:
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        if seq.params.logprobs is not None:
+            entry = dict(top or [])
+            entry[token] = logprob
+            seq.logprobs.append(entry)
+        params = seq.params
+        if token in (params.stop_token_ids or ()):
+            self._finish(seq, "stop", stop_reason=token)
+            return
+        if token in self.stop_token_ids and not params.ignore_eos:
+            self._finish(seq, "stop")
+            return
+        if seq.detokenizer is not None:
+            delta = seq.detokenizer.add(token)
+            if seq.stop_matcher is not None:
+                delta, stopped = seq.stop_matcher.feed(delta)
+                seq.text += delta
+                if stopped:
+                    self._finish(seq, "stop", stop_reason=seq.stop_matcher.matched)
+                    return
+            else:
+                seq.text += delta
+        if (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) \
+                or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        if seq.stop_matcher is not None and reason != "stop":
+            seq.text += seq.stop_matcher.flush()
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        seq.status = SequenceStatus.FINISHED
+        self.scheduler.remove(seq)
+
+    def _make_output(self, request: Request) -> RequestOutput:
+        completions = []
+        for seq in request.seqs:
+            out_ids = seq.output_token_ids
+            completions.append(CompletionOutput(
+                index=seq.index, text=seq.text, token_ids=list(out_ids), finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason, cumulative_logprob=seq.cumulative_logprob,
+                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+                delta_text=seq.text[seq.num_emitted_chars:], delta_token_ids=out_ids[seq.num_emitted_tokens:]))
+            seq.num_emitted_chars = len(seq.text)
+            seq.num_emitted_tokens = len(out_ids)
+        metrics = RequestMetrics(request.arrival_time, request.first_token_time, request.finished_time,
+                                 len(request.prompt_token_ids), max(len(s.output_token_ids) for s in request.seqs))
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
+                             request.is_finished, metrics)
+
+
+__all__ = ["LLMEngine", "LmserveError"]

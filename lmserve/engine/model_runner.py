@@ -1,0 +1,96 @@
+"""Runs the model for one scheduled step.
+
+Owns the model and its paged KV cache. `execute` flattens the scheduled tokens of all sequences
+into one unpadded batch, builds the attention metadata (slot mapping, padded attention groups
+with context slots gathered through the block tables) and returns logits only for the positions
+that sample a new token.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lmserve.config import EngineConfig, ModelConfig
+from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.scheduler import ScheduledSequence
+from lmserve.layers.attention import AttentionGroup, AttentionMetadata
+
+logger = logging.getLogger("lmserve")
+
+_PAD_POSITION = 1 << 40  # key position larger than any query: masked by causality
+
+
+def num_kv_blocks_for(model_config: ModelConfig, engine_config: EngineConfig) -> int:
+    if engine_config.num_kv_blocks is not None:
+        return engine_config.num_kv_blocks
+    per_block = model_config.kv_bytes_per_token(engine_config.torch_dtype) * engine_config.block_size
+    return max(1, engine_config.kv_cache_bytes // per_block)
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, engine_config: EngineConfig,
+                 num_blocks: int):
+        self.model = model
+        self.device = engine_config.torch_device
+        self.dtype = engine_config.torch_dtype
+        self.block_size = engine_config.block_size
+        num_slots = num_blocks * self.block_size
+        shape = (2, num_slots, model_config.num_kv_heads, model_config.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in model.attention_layers()]
+        for layer, cache in zip(model.attention_layers(), self.kv_caches):
+            layer.kv_cache = cache
+        total = sum(c.numel() * c.element_size() for c in self.kv_caches)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB", num_blocks, self.block_size,
+                    num_slots, total / 2**20)
+
+    def _group(self, rows: list[ScheduledSequence], starts: list[int]) -> AttentionGroup:
+        n = torch.tensor([r.num_tokens for r in rows])
+        ctx_before = torch.tensor([r.seq.num_computed_tokens for r in rows])
+        ctx = ctx_before + n
+        q_len, k_len = int(n.max()), int(ctx.max())
+        j = torch.arange(q_len)
+        query_valid = j[None, :] < n[:, None]
+        token_index = torch.tensor(starts)[:, None] + torch.minimum(j[None, :], (n - 1)[:, None])
+        query_pos = ctx_before[:, None] + j[None, :]
+        max_blocks = -(-k_len // self.block_size)
+        tables = torch.zeros(len(rows), max_blocks, dtype=torch.long)
+        for b, r in enumerate(rows):
+            table = r.seq.block_table[:max_blocks]
+            tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+        k = torch.arange(k_len)
+        key_valid = k[None, :] < ctx[:, None]
+        kv_slots = tables[:, k // self.block_size] * self.block_size + k % self.block_size
+        kv_slots = torch.where(key_valid, kv_slots, 0)
+        key_pos = torch.where(key_valid, k[None, :], _PAD_POSITION)
+        dev = self.device
+        return AttentionGroup(token_index.to(dev), query_valid.to(dev), query_pos.to(dev),
+                              kv_slots.to(dev), key_pos.to(dev))
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> torch.Tensor:
+        """Forward the scheduled tokens; returns fp32 logits [num sampling rows, vocab] in schedule order."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts: list[int] = []
+        sample_index: list[int] = []
+        for r in scheduled:
+            seq, c = r.seq, r.seq.num_computed_tokens
+            starts.append(len(input_ids))
+            input_ids.extend(seq.token_ids[c: c + r.num_tokens])
+            positions.extend(range(c, c + r.num_tokens))
+            slots.extend(block_manager.slot(seq, p) for p in range(c, c + r.num_tokens))
+            if r.samples:
+                sample_index.append(len(input_ids) - 1)
+        groups = []
+        for is_decode in (True, False):
+            members = [i for i, r in enumerate(scheduled) if (r.num_tokens == 1) == is_decode]
+            if members:
+                groups.append(self._group([scheduled[i] for i in members], [starts[i] for i in members]))
+        dev = self.device
+        meta = AttentionMetadata(torch.tensor(slots, device=dev), groups, len(input_ids))
+        hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta)
+        return self.model.compute_logits(hidden[torch.tensor(sample_index, device=dev)])

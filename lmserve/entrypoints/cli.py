@@ -1,0 +1,169 @@
+"""The `lmserve` command line: generate, chat and info.
+
+Every user-caused failure (bad file, bad value) is an `LmserveError`; it is printed as one
+`error: ...` line with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from lmserve.errors import LmserveError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="GGUF file, Hugging Face directory or short name (default: embedded smollm2-135m)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 (float16 on GPU)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-memory", default="1GiB")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmserve", description="LLM inference engine")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show start-up logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion for one prompt, streamed")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--system", default=None, help="system message (with --chat)")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat")
+    chat.add_argument("--system", default=None)
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+
+    info = sub.add_parser("info", help="describe a model without loading its weights")
+    info.add_argument("model", nargs="?", default=None)
+    return parser
+
+
+def _llm(args):
+    from lmserve import LLM
+    return LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
+               max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory)
+
+
+def _params(args):
+    from lmserve import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=args.stop)
+
+
+def _stream(llm, prompt, params, out=sys.stdout) -> tuple[str, object]:
+    """Print the completion as it is produced; return its text and final output."""
+    text, final = "", None
+    for output in llm.stream(prompt, params):
+        delta = output.outputs[0].delta_text
+        text += delta
+        out.write(delta)
+        out.flush()
+        final = output
+    out.write("\n")
+    return text, final
+
+
+def _print_stats(final) -> None:
+    m = final.metrics
+    tpot = m.time_per_output_token
+    rate = f"{1 / tpot:.1f} tokens/s" if tpot else "n/a tokens/s"
+    print(f"[{m.num_prompt_tokens} prompt tokens, {m.num_output_tokens} generated; "
+          f"TTFT {m.time_to_first_token * 1000:.0f} ms; decode {rate}; "
+          f"finish: {final.outputs[0].finish_reason}]", file=sys.stderr)
+
+
+def cmd_generate(args) -> None:
+    params = _params(args)
+    llm = _llm(args)
+    prompt = args.prompt
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        prompt = llm.apply_chat_template(messages + [{"role": "user", "content": prompt}])
+    _, final = _stream(llm, prompt, params)
+    _print_stats(final)
+
+
+def cmd_chat(args) -> None:
+    params = _params(args)
+    llm = _llm(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply, _ = _stream(llm, llm.apply_chat_template(messages), params)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_info(args) -> None:
+    import torch
+
+    from lmserve.loader import open_checkpoint
+    from lmserve.models import MODEL_REGISTRY
+
+    ckpt = open_checkpoint(args.model)
+    cfg = ckpt.config
+    kv32, kv16 = cfg.kv_bytes_per_token(torch.float32), cfg.kv_bytes_per_token(torch.bfloat16)
+    rows = [
+        ("path", ckpt.path), ("format", ckpt.format), ("architecture", cfg.architecture),
+        ("parameters", f"{ckpt.num_params:,}"),
+        ("tensor types", ", ".join(f"{k} x{v}" for k, v in sorted(ckpt.tensor_types.items()))),
+        ("layers", cfg.num_layers), ("hidden size", cfg.hidden_size),
+        ("heads (q / kv)", f"{cfg.num_heads} / {cfg.num_kv_heads}, head_dim {cfg.head_dim}"),
+        ("vocab size", cfg.vocab_size), ("context length", cfg.max_position_embeddings),
+        ("sliding window", cfg.sliding_window or "none"),
+        ("rope", f"theta {cfg.rope_theta:g}, scaling {cfg.rope_scaling or 'none'}"),
+        ("KV cache bytes/token", f"{kv32:,} (float32), {kv16:,} (bfloat16)"),
+        ("chat template", "yes" if ckpt.tokenizer is not None and ckpt.tokenizer.chat_template else "no"),
+        ("supported architectures", ", ".join(MODEL_REGISTRY)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        COMMANDS[args.command](args)
+    except LmserveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

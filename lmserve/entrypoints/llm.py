@@ -1,0 +1,115 @@
+"""The offline Python API: `LLM(model=...).generate(prompts, SamplingParams(...))` and `.chat(...)`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm import tqdm
+
+from lmserve.config import EngineConfig
+from lmserve.engine.llm_engine import LLMEngine
+from lmserve.errors import InvalidParameterError
+from lmserve.loader import open_checkpoint
+from lmserve.outputs import RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class LLM:
+    """Loads a model once and generates for batches of prompts with continuous batching.
+
+    `model` is None (the embedded SmolLM2-135M-Instruct), a short name, a .gguf file or a Hugging
+    Face model directory. Other keyword arguments are `EngineConfig` fields (dtype, device,
+    kv_cache_memory, num_kv_blocks, max_model_len, max_num_seqs, max_num_batched_tokens, ...).
+    """
+
+    def __init__(self, model: str | None = None, **engine_kwargs):
+        if "threads" in engine_kwargs:
+            threads = engine_kwargs.pop("threads")
+            if threads:
+                torch.set_num_threads(int(threads))
+        config = EngineConfig(**engine_kwargs)
+        self.engine = LLMEngine(open_checkpoint(model), config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        prompt_list = _as_prompt_list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompt_list):
+                raise InvalidParameterError("sampling_params", f"got {len(sampling_params)} for "
+                                                               f"{len(prompt_list)} prompts")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        ids = []
+        try:
+            for prompt, params in zip(prompt_list, params_list):
+                ids.append(self.engine.add_request(prompt, params))
+        except Exception:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        finals: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm or len(ids) < 2)
+        try:
+            while len(finals) < len(ids):
+                for output in self.engine.step():
+                    if output.finished:
+                        finals[output.request_id] = output
+                        bar.update(1)
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        return [finals[request_id] for request_id in ids]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's output after every step that produced tokens (deltas in `delta_text`)."""
+        request_id = self.engine.add_request(prompt, sampling_params)
+        try:
+            while True:
+                for output in self.engine.step():
+                    if output.request_id == request_id:
+                        yield output
+                        if output.finished:
+                            return
+        finally:
+            self.engine.abort_request(request_id)
+
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        if self.tokenizer is None:
+            raise InvalidParameterError("messages", "this model has no tokenizer, so chat is unavailable")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise InvalidParameterError("prompts", "must not be empty")
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+            return [list(prompts)]
+        return list(prompts)
+    raise InvalidParameterError("prompts", "must be a string, a list of strings or a list of token-id lists")
+
+
+logging.getLogger("lmserve").addHandler(logging.NullHandler())

@@ -1,0 +1,26 @@
+"""The format-independent result of opening a checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from lmserve.config import ModelConfig
+
+
+@dataclass
+class Checkpoint:
+    """A model's configuration, tokenizer and a lazy stream of its tensors under Hugging Face names."""
+
+    path: str
+    format: str  # "gguf" or "safetensors"
+    config: ModelConfig
+    tokenizer: object | None  # lmserve.tokenizer.Tokenizer
+    tensor_types: dict[str, int]  # storage type name -> number of tensors
+    num_params: int
+    _iter_tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False, default=None)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._iter_tensors()

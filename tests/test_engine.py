@@ -1,0 +1,141 @@
+"""End-to-end engine behaviour on the embedded SmolLM2-135M-Instruct GGUF: batch invariance,
+seeded sampling, stop conditions, streaming, preemption, KV-block accounting and limits."""
+
+import pytest
+
+from lmserve import LLM, SamplingParams
+from lmserve.errors import ContextLengthError, InvalidParameterError
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "1, 2, 3, 4,",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village at the edge of a great forest, there lived",
+    "Q: What is the boiling point of water in Celsius?\nA:",
+    "Translate to French: good morning",
+    "Les élèves étudient 日本語 and emoji 🎉 because",
+]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path):
+    return LLM(str(smollm2_path), max_num_seqs=16)
+
+
+def _all_free(llm):
+    bm = llm.engine.block_manager
+    return bm.num_free_blocks == bm.num_blocks
+
+
+def _texts(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_greedy_batch_equals_each_prompt_alone(llm):
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    together = _texts(llm.generate(PROMPTS, params, use_tqdm=False))
+    alone = [_texts(llm.generate([p], params, use_tqdm=False))[0] for p in PROMPTS]
+    assert together == alone
+    assert _all_free(llm)
+
+
+def test_seeded_sampling_is_batch_invariant_and_reproducible(llm):
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    together = _texts(llm.generate(PROMPTS[:4], params, use_tqdm=False))
+    alone = [_texts(llm.generate([p], params, use_tqdm=False))[0] for p in PROMPTS[:4]]
+    assert together == alone
+    other_seed = _texts(llm.generate(PROMPTS[:4], SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95,
+                                                                  top_k=50, seed=99, ignore_eos=True),
+                                     use_tqdm=False))
+    assert other_seed != together
+    assert _all_free(llm)
+
+
+def test_preemption_under_memory_pressure_keeps_greedy_outputs(smollm2_path, llm):
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    reference = _texts(llm.generate(PROMPTS, params, use_tqdm=False))
+    small = LLM(str(smollm2_path), num_kv_blocks=12, block_size=16, max_num_batched_tokens=64)
+    outputs = _texts(small.generate(PROMPTS, params, use_tqdm=False))
+    assert small.engine.scheduler.num_preemptions > 0
+    assert outputs == reference
+    assert _all_free(small)
+
+
+def test_stop_string_spanning_tokens_is_cut_and_not_emitted(llm):
+    base = llm.generate("Once upon a time", SamplingParams(max_tokens=30, temperature=0), use_tqdm=False)[0]
+    text = base.outputs[0].text
+    stop = text[10:16]
+    assert len(stop.strip()) > 2
+    out = llm.generate("Once upon a time", SamplingParams(max_tokens=30, temperature=0, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[: text.index(stop)]
+    assert _all_free(llm)
+
+
+def test_stop_token_ids_and_length_finish(llm):
+    base = llm.generate("1, 2, 3, 4,", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert base.finish_reason == "length" and len(base.token_ids) == 8
+    target = base.token_ids[3]
+    out = llm.generate("1, 2, 3, 4,", SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[target]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == target
+    assert out.token_ids == base.token_ids[: base.token_ids.index(target) + 1]
+
+
+def test_chat_reply_stops_at_end_of_turn(llm):
+    out = llm.chat([{"role": "user", "content": "Say hello in one word."}],
+                   SamplingParams(max_tokens=64, temperature=0), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids[-1] in llm.tokenizer.stop_token_ids
+    assert "<|im_end|>" not in out.text and out.text.strip()
+
+
+def test_streamed_deltas_equal_final_text(llm):
+    params = SamplingParams(max_tokens=40, temperature=0)
+    deltas, final = [], None
+    for step in llm.stream(PROMPTS[-1], params):
+        deltas.append(step.outputs[0].delta_text)
+        final = step
+    assert "".join(deltas) == final.outputs[0].text
+    assert len(deltas) > 5
+    assert final.metrics.time_to_first_token > 0 and final.metrics.time_per_output_token > 0
+    assert _all_free(llm)
+
+
+def test_n_samples_and_logprobs(llm):
+    out = llm.generate("Tell me a story:", SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=5,
+                                                          logprobs=3, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs) == 3
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    for o in out.outputs:
+        assert len(o.logprobs) == len(o.token_ids)
+        for token, entry in zip(o.token_ids, o.logprobs):
+            assert token in entry and 3 <= len(entry) <= 4
+            assert all(v <= 0 for v in entry.values())
+        assert o.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(o.token_ids, o.logprobs)), abs=1e-3)
+
+
+def test_token_id_prompts_and_text_prompts_agree(llm):
+    ids = llm.tokenizer.encode("The capital of France is")
+    params = SamplingParams(max_tokens=8, temperature=0)
+    assert _texts(llm.generate([ids], params, use_tqdm=False)) == \
+        _texts(llm.generate("The capital of France is", params, use_tqdm=False))
+
+
+def test_context_limit_is_enforced_with_both_numbers(smollm2_path):
+    small = LLM(str(smollm2_path), max_model_len=64)
+    with pytest.raises(ContextLengthError) as err:
+        small.generate("word " * 60, SamplingParams(max_tokens=10), use_tqdm=False)
+    assert "64" in str(err.value) and "10" in str(err.value)
+    assert _all_free(small)
+
+
+def test_bad_prompts_are_refused(llm):
+    with pytest.raises(InvalidParameterError, match="prompt"):
+        llm.generate([""], use_tqdm=False)
+    with pytest.raises(InvalidParameterError, match="outside the vocabulary"):
+        llm.generate([[1, 2, 10**9]], use_tqdm=False)
+    assert _all_free(llm) and not llm.engine.has_unfinished_requests()
