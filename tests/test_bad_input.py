@@ -47,9 +47,8 @@ def _write_gguf(path, arch="llama", tensor_type=None):
     if tensor_type is None:
         writer.add_tensor("token_embd.weight", np.zeros((16, 32), dtype=np.float32))
     else:
-        block_elems, block_bytes = gguf.GGML_QUANT_SIZES[tensor_type]
-        raw = np.zeros((16, 32 * 8 // block_elems * block_bytes), dtype=np.uint8)
-        writer.add_tensor("token_embd.weight", raw, raw_shape=(16, 32 * 8), raw_dtype=tensor_type)
+        _, block_bytes = gguf.GGML_QUANT_SIZES[tensor_type]
+        writer.add_tensor("token_embd.weight", np.zeros((16, block_bytes), dtype=np.uint8), raw_dtype=tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -214,8 +214,12 @@ class LLMEngine:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
-        if seq.stop_matcher is not None and reason != "stop":
-            seq.text += seq.stop_matcher.flush()
+        if reason != "stop" and seq.detokenizer is not None:
+            # Release text held back for an unfinished character or a possible stop string.
+            tail = seq.detokenizer.flush()
+            if seq.stop_matcher is not None:
+                tail = seq.stop_matcher.feed(tail)[0] + seq.stop_matcher.flush()
+            seq.text += tail
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         seq.status = SequenceStatus.FINISHED

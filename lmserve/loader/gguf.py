@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from lmserve.config import ModelConfig
-from lmserve.errors import ModelLoadError
+from lmserve.errors import InvalidParameterError, ModelLoadError
 from lmserve.loader.checkpoint import Checkpoint
 
 # GGUF `general.architecture` -> lmserve family key
@@ -110,13 +110,16 @@ def load_gguf(path: Path) -> Checkpoint:
     except Exception as exc:  # the gguf package raises assorted errors on bad input
         raise ModelLoadError(path, f"corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
     meta = read_gguf_metadata(reader)
-    names = {t.name for t in reader.tensors}
-    config = _config_from_metadata(meta, names, str(path))
     types = Counter(t.tensor_type.name for t in reader.tensors)
     unsupported = sorted(set(types) - SUPPORTED_TYPES)
     if unsupported:
         raise ModelLoadError(path, f"unsupported tensor type(s) {', '.join(unsupported)} "
                                    f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})")
+    names = {t.name for t in reader.tensors}
+    try:
+        config = _config_from_metadata(meta, names, str(path))
+    except InvalidParameterError as exc:
+        raise ModelLoadError(path, f"invalid hyper-parameter in GGUF metadata: {exc}") from None
     rope_heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads} if \
         meta.get("general.architecture") == "llama" else {}
 
@@ -133,7 +136,10 @@ def load_gguf(path: Path) -> Checkpoint:
             proj = name.split(".")[-2]
             if proj in rope_heads:
                 array = _unpermute_rope(array, rope_heads[proj])
-            yield name, torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+            array = np.ascontiguousarray(array, dtype=np.float32)
+            if not array.flags.writeable:  # F32 tensors come straight from the read-only memory map
+                array = array.copy()
+            yield name, torch.from_numpy(array)
 
     return Checkpoint(path=str(path), format="gguf", config=config,
                       tokenizer=Tokenizer.from_gguf_metadata(meta, str(path)),

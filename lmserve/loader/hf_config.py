@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lmserve.config import ModelConfig
-from lmserve.errors import ModelLoadError
+from lmserve.errors import InvalidParameterError, ModelLoadError
 
 # HF `architectures` entry -> lmserve family key
 HF_ARCHITECTURES = {
@@ -68,3 +68,5 @@ def model_config_from_hf(cfg: dict, path: str) -> ModelConfig:
         )
     except KeyError as exc:
         raise ModelLoadError(path, f"config.json lacks required field {exc.args[0]!r}") from None
+    except InvalidParameterError as exc:
+        raise ModelLoadError(path, f"invalid hyper-parameter: {exc}") from None
