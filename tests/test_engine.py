@@ -139,3 +139,18 @@ def test_bad_prompts_are_refused(llm):
     with pytest.raises(InvalidParameterError, match="outside the vocabulary"):
         llm.generate([[1, 2, 10**9]], use_tqdm=False)
     assert _all_free(llm) and not llm.engine.has_unfinished_requests()
+
+
+def test_out_of_vocabulary_ids_in_parameters_are_refused(llm):
+    with pytest.raises(InvalidParameterError, match="stop_token_ids"):
+        llm.generate("hi", SamplingParams(stop_token_ids=[10**7]), use_tqdm=False)
+    with pytest.raises(InvalidParameterError, match="logit_bias"):
+        llm.generate("hi", SamplingParams(logit_bias={10**7: 5.0}), use_tqdm=False)
+
+
+def test_logit_bias_forces_a_token(llm):
+    target = llm.tokenizer.encode(" banana")[0]
+    out = llm.generate("The capital of France is", SamplingParams(max_tokens=3, temperature=0,
+                                                                  logit_bias={target: 100.0}),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [target] * 3

@@ -113,6 +113,7 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
+        self._check_token_ids(params)
         text, ids = self._prompt_ids(prompt)
         limit = self.max_model_len
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
@@ -137,11 +138,18 @@ class LLMEngine:
         self.requests[request_id] = request
         return request_id
 
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or {})):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise InvalidParameterError(name, f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
     def _generator(self, seed: int | None, index: int) -> torch.Generator:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
         else:
-            seed = seed + index * 1_000_003  # n samples of one seeded request must differ
+            seed = (seed + index * 1_000_003) % (1 << 63)  # n samples of one seeded request must differ
         return torch.Generator(device=self.config.torch_device).manual_seed(seed)
 
     def abort_request(self, request_id: str) -> None:
@@ -205,6 +213,8 @@ class LLMEngine:
                 delta, stopped = seq.stop_matcher.feed(delta)
                 seq.text += delta
                 if stopped:
+                    if params.include_stop_str_in_output:
+                        seq.text += seq.stop_matcher.matched
                     self._finish(seq, "stop", stop_reason=seq.stop_matcher.matched)
                     return
             else:

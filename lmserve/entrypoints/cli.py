@@ -70,8 +70,9 @@ def _params(args):
                           seed=args.seed, stop=args.stop)
 
 
-def _stream(llm, prompt, params, out=sys.stdout) -> tuple[str, object]:
+def _stream(llm, prompt, params) -> tuple[str, object]:
     """Print the completion as it is produced; return its text and final output."""
+    out = sys.stdout
     text, final = "", None
     for output in llm.stream(prompt, params):
         delta = output.outputs[0].delta_text
