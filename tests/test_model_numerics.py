@@ -68,3 +68,16 @@ def test_bf16_logits_close_to_transformers_bf16(tiny_model_factory):
     reference = hf_logits(hf_model.to(torch.bfloat16), PROMPT)[-1]
     hf_model.to(torch.float32)
     assert (recorder.rows[0][0] - reference).abs().max().item() < 0.05
+
+
+def test_sharded_safetensors_with_index(tiny_model_factory, tmp_path):
+    _, hf_model = tiny_model_factory("qwen2")
+    hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    llm = LLM(str(tmp_path), dtype="float32")
+    recorder = LogitRecorder(llm.engine.sampler)
+    llm.engine.sampler = recorder
+    llm.generate([PROMPT], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
+    reference = hf_logits(hf_model, PROMPT)[-1]
+    assert (recorder.rows[0][0] - reference).abs().max().item() <= 1e-4
