@@ -27,11 +27,12 @@ def _configs():
         "yarn_rope": lambda: LlamaConfig(**COMMON, rope_scaling={
             "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
         "linear_rope": lambda: LlamaConfig(**COMMON, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        "dynamic_rope": lambda: LlamaConfig(**COMMON, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
     }
 
 
 TINY_MODELS = ["llama_gqa", "llama_mqa_tied", "mistral_sliding", "qwen2", "qwen3", "llama3_rope",
-               "yarn_rope", "linear_rope"]
+               "yarn_rope", "linear_rope", "dynamic_rope"]
 
 
 def build_tiny_model(kind: str, directory: Path, dtype=torch.float32):
