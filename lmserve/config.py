@@ -107,6 +107,7 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's context length
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
     seed: int = 0
 
     def __post_init__(self):

@@ -1,6 +1,7 @@
 """Property tests of the block manager and scheduler, driven without a model: random arrivals,
-aborts and finishes under memory pressure never leak or double-free a block, and every request
-finishes or is aborted."""
+aborts and finishes under memory pressure never leak or double-free a block, every request
+finishes or is aborted, and with prefix caching a sequence only ever reads cache slots that hold
+its own tokens at their positions."""
 
 from collections import Counter
 
@@ -21,6 +22,7 @@ def _check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
     assert not set(free) & set(refs), "a referenced block is also free"
     assert len(free) + len(refs) == bm.num_blocks, "a block leaked"
     assert all(bm.ref_counts[b] == 0 for b in free)
+    assert all(bm.block_hash[b] == h for h, b in bm.cached.items()), "prefix-cache map inconsistent"
 
 
 def _make_seq(seq_id: int, prompt_len: int, max_tokens: int) -> Sequence:
@@ -35,19 +37,24 @@ requests_strategy = st.lists(
     min_size=1, max_size=12)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(requests=requests_strategy, num_blocks=st.integers(6, 24), block_size=st.sampled_from([1, 4, 16]),
-       budget=st.integers(1, 64), max_seqs=st.integers(1, 8))
-def test_random_workloads_never_leak_blocks(requests, num_blocks, block_size, budget, max_seqs):
-    bm = BlockManager(num_blocks, block_size)
+       budget=st.integers(1, 64), max_seqs=st.integers(1, 8), prefix_caching=st.booleans(),
+       vocab=st.integers(1, 3))
+def test_random_workloads_never_leak_blocks(requests, num_blocks, block_size, budget, max_seqs,
+                                            prefix_caching, vocab):
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
     sched = Scheduler(bm, max_seqs, budget)
     capacity = num_blocks * block_size
     pending = []
     for i, (prompt_len, max_tokens, arrive_step, abort) in enumerate(requests):
         prompt_len = min(prompt_len, capacity - 1)
         max_tokens = min(max_tokens, capacity - prompt_len)  # the engine refuses longer requests
-        pending.append((arrive_step, _make_seq(i, prompt_len, max_tokens), abort))
+        seq = _make_seq(i, prompt_len, max_tokens)
+        seq.token_ids = [t % vocab for t in range(i % 2, i % 2 + prompt_len)]  # many shared prefixes
+        pending.append((arrive_step, seq, abort))
     live: list[Sequence] = []
+    slot_content: dict[int, tuple[int, int]] = {}  # what the "model" wrote: slot -> (token, position)
     done: set[int] = set()
     for step in range(2000):
         for arrive_step, seq, _ in pending:
@@ -58,8 +65,19 @@ def test_random_workloads_never_leak_blocks(requests, num_blocks, block_size, bu
         assert sum(r.num_tokens for r in scheduled) <= budget
         assert len(sched.running) <= max_seqs
         for r in scheduled:
-            assert bm.blocks_for(r.seq.num_computed_tokens + r.num_tokens) <= len(r.seq.block_table)
+            seq, c = r.seq, r.seq.num_computed_tokens
+            assert bm.blocks_for(c + r.num_tokens) <= len(seq.block_table)
+            for p in range(c):  # context read by attention must be this sequence's own tokens
+                assert slot_content.get(bm.slot(seq, p)) == (seq.token_ids[p], p)
+            for p in range(c, c + r.num_tokens):
+                slot = bm.slot(seq, p)
+                block = seq.block_table[p // block_size]
+                assert bm.ref_counts[block] == 1 or slot_content.get(slot) == (seq.token_ids[p], p), \
+                    "a write into a shared block would change another sequence's context"
+                slot_content[slot] = (seq.token_ids[p], p)
+        for r in scheduled:
             r.seq.num_computed_tokens += r.num_tokens
+            bm.register_full_blocks(r.seq)
         for r in scheduled:
             seq = r.seq
             if seq.num_computed_tokens == seq.num_tokens:
@@ -103,3 +121,22 @@ def test_long_prompt_is_chunked_under_the_token_budget():
         chunks.append(r.num_tokens)
         seq.num_computed_tokens += r.num_tokens
     assert chunks == [16, 16, 8]
+
+
+def test_prefix_cache_reuses_full_blocks_and_reports_hits():
+    bm = BlockManager(32, 4)
+    sched = Scheduler(bm, 8, 64)
+    first = _make_seq(0, 10, 1)
+    sched.add(first)
+    (r,) = sched.schedule()
+    first.num_computed_tokens += r.num_tokens
+    bm.register_full_blocks(first)
+    first_table = list(first.block_table)
+    sched.remove(first)  # finished: its blocks go back to the pool but stay cached
+    second = _make_seq(1, 10, 1)
+    sched.add(second)
+    (r,) = sched.schedule()
+    assert second.num_computed_tokens == 8 and r.num_tokens == 2  # two full blocks reused
+    assert second.block_table[:2] == first_table[:2]
+    assert bm.prefix_cache_hit_rate == 8 / 20
+

@@ -154,3 +154,23 @@ def test_logit_bias_forces_a_token(llm):
                                                                   logit_bias={target: 100.0}),
                        use_tqdm=False)[0].outputs[0]
     assert out.token_ids == [target] * 3
+
+
+def test_prefix_cache_hits_and_gives_the_same_tokens(smollm2_path, llm):
+    system = "You are a helpful assistant who answers questions about geography in detail. " * 3
+    prompts = [system + q for q in ("Where is Peru?", "Where is Chad?", "Where is Laos?")]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    uncached = LLM(str(smollm2_path), enable_prefix_caching=False)
+    expected = _texts(uncached.generate(prompts, params, use_tqdm=False))
+    assert uncached.engine.block_manager.prefix_cache_hit_rate == 0
+    bm = llm.engine.block_manager
+    hits_before = bm.prefix_hits
+    first = _texts(llm.generate(prompts[:1], params, use_tqdm=False))
+    rest = _texts(llm.generate(prompts[1:], params, use_tqdm=False))
+    assert first + rest == expected
+    ids = [llm.tokenizer.encode(p) for p in prompts]
+    shared = next(i for i, (a, b) in enumerate(zip(ids[0], ids[1])) if a != b)
+    assert shared >= 32
+    # each later prompt reused every full block of the shared prefix
+    assert bm.prefix_hits - hits_before == 2 * (shared // 16) * 16
+    assert _all_free(llm)

@@ -75,7 +75,9 @@ class LLMEngine:
         self.model = build_model(checkpoint, engine_config, max_len)
         logger.info("loaded %s (%s) in %.1f s", checkpoint.path, self.model_config.architecture,
                     time.perf_counter() - start)
-        self.block_manager = BlockManager(num_blocks, engine_config.block_size)
+        salt = f"{checkpoint.path}|{engine_config.torch_dtype}"  # K/V differ per model and dtype
+        self.block_manager = BlockManager(num_blocks, engine_config.block_size,
+                                          engine_config.enable_prefix_caching, salt)
         self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
                                    engine_config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.model_config, engine_config, num_blocks)
@@ -172,6 +174,7 @@ class LLMEngine:
         logits = self.runner.execute(scheduled, self.block_manager)
         for r in scheduled:
             r.seq.num_computed_tokens += r.num_tokens
+            self.block_manager.register_full_blocks(r.seq)
         sampling = [r.seq for r in scheduled if r.seq.num_computed_tokens == r.seq.num_tokens]
         rows = [SamplingRow(s.params, s.generator, s.token_ids[: s.num_prompt_tokens], s.output_token_ids)
                 for s in sampling]

@@ -4,7 +4,8 @@ Every step the scheduler decides which sequences run and how many tokens each co
 running sequences first (one decode token, or the next chunk of a prompt), then waiting ones in
 arrival order while the token budget (`max_num_batched_tokens`), the sequence budget
 (`max_num_seqs`) and the free KV blocks allow. A long prompt is split into chunks that fit the
-budget, so it shares steps with other sequences' decode tokens. When a running sequence needs a
+budget, so it shares steps with other sequences' decode tokens. A sequence admitted from the
+queue first adopts whatever prefix of it the block manager has cached. When a running sequence needs a
 block and none is free, the newest running sequence is preempted: its blocks are freed and it
 goes back to the front of the queue, to be recomputed from its tokens later.
 """
@@ -82,9 +83,13 @@ class Scheduler:
         # After a preemption the pool is known to be short: admit nobody new this step.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            self.block_manager.reuse_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+                self.block_manager.free(seq)
+                seq.num_computed_tokens = 0
                 break
+            self.block_manager.record_admission(seq.num_tokens, seq.num_computed_tokens)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -30,6 +30,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks' tokens
+    num_registered_blocks: int = 0  # leading blocks already entered into the prefix cache
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     text: str = ""

@@ -1,0 +1,233 @@
+"""`AsyncEngine`: drives the synchronous `LLMEngine` from one background thread for asyncio code.
+
+Only the engine thread touches the engine. Handlers send it commands (add, abort, stop) through a
+thread-safe queue and read each request's outputs from an `asyncio.Queue` that the thread feeds
+with `loop.call_soon_threadsafe`. `add_request` validation errors travel back through a future,
+so a handler can answer 400 before streaming anything. The thread sleeps on the command queue
+while no request is unfinished. A failing `step()` fails the requests in flight, never the loop.
+After every command batch and step the thread publishes queue and KV-cache figures for metrics
+and admission control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from lmserve.engine.llm_engine import LLMEngine
+from lmserve.errors import LmserveError
+from lmserve.outputs import RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("lmserve.server")
+
+
+class EngineUnavailableError(LmserveError):
+    """The engine is shutting down (or its thread stopped) and takes no more requests."""
+
+
+class EngineStepError(Exception):
+    """A model step failed; the requests in flight at that moment are ended with this error."""
+
+
+class RequestTimeoutError(LmserveError):
+    """A request ran longer than the server's per-request timeout and was aborted."""
+
+
+class _Stream:
+    """One request's output channel, written by the engine thread, read on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def push(self, item: RequestOutput | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    stream: _Stream
+    accepted: concurrent.futures.Future
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class _Stop:
+    pass
+
+
+@dataclass
+class EngineStats:
+    """A snapshot published by the engine thread; reading it never touches the engine."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.stats = EngineStats()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._accepting = True
+        self._pending_lock = threading.Lock()
+        self._pending_adds = 0  # submitted, not yet taken by the engine thread
+        self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
+
+    # ---- lifecycle (any thread) -------------------------------------------------------------
+
+    def start(self) -> AsyncEngine:
+        self._thread.start()
+        return self
+
+    @property
+    def is_alive(self) -> bool:
+        return self._accepting and self._thread.is_alive()
+
+    def begin_shutdown(self) -> None:
+        """Refuse new requests and have the thread abort those in flight and exit."""
+        if self._accepting:
+            self._accepting = False
+            self._commands.put(_Stop())
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        self.begin_shutdown()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet started: still in the command queue or in the scheduler's queue."""
+        return self._pending_adds + self.stats.num_waiting
+
+    # ---- requests (event loop) --------------------------------------------------------------
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                       timeout: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs until it finishes. Raises `LmserveError` from validation,
+        `RequestTimeoutError` after `timeout` seconds, `EngineStepError` if a step failed.
+        Leaving early (cancellation, disconnect, error) aborts the request in the engine."""
+        if not self.is_alive:
+            raise EngineUnavailableError("the server is shutting down")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        stream = _Stream(loop)
+        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        with self._pending_lock:
+            self._pending_adds += 1
+        self._commands.put(_Add(request_id, prompt, params, stream, accepted))
+        finished = False
+        try:
+            await asyncio.wrap_future(accepted)
+            while not finished:
+                remaining = None if deadline is None else deadline - loop.time()
+                try:
+                    item = await asyncio.wait_for(stream.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    raise RequestTimeoutError(f"the request took longer than {timeout:g} s and was aborted") \
+                        from None
+                if isinstance(item, BaseException):
+                    finished = True  # the engine thread has already dropped the request
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self._commands.put(_Abort(request_id))
+
+    # ---- engine thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            idle = not self.engine.has_unfinished_requests()
+            if not self._handle_commands(block=idle):
+                return
+            if self.engine.has_unfinished_requests():
+                self._step()
+            self._publish_stats()
+
+    def _handle_commands(self, block: bool) -> bool:
+        """Apply queued commands (waiting for one if `block`); False once told to stop."""
+        while True:
+            try:
+                command = self._commands.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if isinstance(command, _Stop):
+                self._fail_all(EngineUnavailableError("the server is shutting down"))
+                self._drain_after_stop()
+                return False
+            if isinstance(command, _Add):
+                self._add(command)
+            else:
+                self.engine.abort_request(command.request_id)
+                self._streams.pop(command.request_id, None)
+            self._publish_stats()
+
+    def _add(self, command: _Add) -> None:
+        try:
+            self.engine.add_request(command.prompt, command.params, command.request_id)
+        except Exception as exc:  # validation errors go back to the handler as they are
+            command.accepted.set_exception(exc)
+        else:
+            self._streams[command.request_id] = command.stream
+            command.accepted.set_result(None)
+        finally:
+            with self._pending_lock:
+                self._pending_adds -= 1
+
+    def _drain_after_stop(self) -> None:
+        """Refuse adds that raced with the stop so no handler waits forever."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                command.accepted.set_exception(EngineUnavailableError("the server is shutting down"))
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            logger.exception("engine step failed; failing %d request(s) in flight", len(self._streams))
+            self._fail_all(EngineStepError(f"the model step failed ({type(exc).__name__}: {exc})"))
+            return
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            stream.push(output)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self.engine.abort_request(request_id)
+            stream.push(error)
+        self._streams.clear()
+
+    def _publish_stats(self) -> None:
+        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
+        self.stats = EngineStats(
+            num_running=len({s.request.request_id for s in scheduler.running}),
+            num_waiting=len({s.request.request_id for s in scheduler.waiting}),
+            kv_cache_usage=blocks.num_used_blocks / blocks.num_blocks if blocks.num_blocks else 0.0)
