@@ -106,6 +106,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
 
     def __post_init__(self) -> None:
         self._validate_lengths()
@@ -128,6 +129,10 @@ class SamplingParams:
         if self.max_tokens is not None:
             _check("min_tokens", self.min_tokens <= self.max_tokens,
                    f"<= max_tokens ({self.max_tokens})", self.min_tokens)
+        if self.truncate_prompt_tokens is not None:
+            self.truncate_prompt_tokens = _integer("truncate_prompt_tokens", self.truncate_prompt_tokens, ">= 1")
+            _check("truncate_prompt_tokens", self.truncate_prompt_tokens >= 1, ">= 1 (or None)",
+                   self.truncate_prompt_tokens)
         if self.logprobs is not None:
             self.logprobs = _integer("logprobs", self.logprobs, f"in [0, {MAX_LOGPROBS}]")
             _check("logprobs", 0 <= self.logprobs <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}] (or None)", self.logprobs)

@@ -131,6 +131,10 @@ def test_context_limit_is_enforced_with_both_numbers(smollm2_path):
         small.generate("word " * 60, SamplingParams(max_tokens=10), use_tqdm=False)
     assert "64" in str(err.value) and "10" in str(err.value)
     assert _all_free(small)
+    prompt = small.tokenizer.encode("word " * 60)
+    out = small.generate([prompt], SamplingParams(max_tokens=10, temperature=0, truncate_prompt_tokens=50),
+                         use_tqdm=False)[0]
+    assert out.prompt_token_ids == prompt[-50:] and len(out.outputs[0].token_ids) == 10
 
 
 def test_bad_prompts_are_refused(llm):

@@ -117,13 +117,16 @@ class LLMEngine:
         params = params or SamplingParams()
         self._check_token_ids(params)
         text, ids = self._prompt_ids(prompt)
+        if params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens:]
         limit = self.max_model_len
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
         if len(ids) + max_tokens > limit:
             raise ContextLengthError(
                 "max_tokens" if len(ids) < limit else "prompt",
                 f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}: {len(ids) + max_tokens} "
-                f"exceeds the context limit of {limit} tokens")
+                f"exceeds the context limit of {limit} tokens (set truncate_prompt_tokens to keep only "
+                f"the end of the prompt)")
         request_id = request_id if request_id is not None else str(next(self._request_ids))
         if request_id in self.requests:
             raise InvalidParameterError("request_id", f"{request_id!r} is already in use")
