@@ -1,0 +1,546 @@
+"""The OpenAI-compatible FastAPI app: routes, error mapping, API-key check, admission and SSE.
+
+`build_app` wraps an engine in an `AsyncEngine` and serves `/v1/completions`,
+`/v1/chat/completions` (both optionally streamed as server-sent events), `/v1/models`,
+`/tokenize`, `/detokenize`, `/health` and `/metrics`. Every user error becomes an OpenAI error
+body with a 4xx status; a full waiting queue answers 429 with Retry-After. `serve` runs the app
+under uvicorn and, on SIGTERM/SIGINT, aborts the requests in flight before uvicorn drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmserve.engine.llm_engine import LLMEngine
+from lmserve.errors import ContextLengthError, InvalidParameterError, LmserveError
+from lmserve.outputs import CompletionOutput, RequestOutput
+from lmserve.sampling_params import SamplingParams
+from lmserve.server import protocol as p
+from lmserve.server.async_engine import (AsyncEngine, EngineStepError, EngineUnavailableError,
+                                         RequestTimeoutError)
+from lmserve.server.metrics import ServerMetrics
+
+logger = logging.getLogger("lmserve.server")
+
+DEFAULT_MAX_WAITING = 256
+DEFAULT_REQUEST_TIMEOUT = 600.0
+RETRY_AFTER_SECONDS = 1
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(p.error_body(self.message, self.type, self.param, self.code), self.status,
+                            headers=self.headers)
+
+    @classmethod
+    def of(cls, exc: BaseException, prompt_param: str = "prompt") -> ApiError:
+        """Map an engine-side exception to its HTTP error."""
+        if isinstance(exc, ApiError):
+            return exc
+        if isinstance(exc, ContextLengthError):
+            param = prompt_param if exc.field == "prompt" else exc.field
+            return cls(400, str(exc), param=param, code="context_length_exceeded")
+        if isinstance(exc, InvalidParameterError):
+            param = prompt_param if exc.field == "prompt" else exc.field
+            return cls(400, str(exc), param=param)
+        if isinstance(exc, RequestTimeoutError):
+            return cls(504, str(exc), "timeout_error", code="timeout")
+        if isinstance(exc, EngineUnavailableError):
+            return cls(503, str(exc), "service_unavailable_error")
+        if isinstance(exc, LmserveError):
+            return cls(400, str(exc))
+        if isinstance(exc, EngineStepError):
+            return cls(500, str(exc), "server_error")
+        logger.error("internal error", exc_info=exc)
+        return cls(500, f"internal server error ({type(exc).__name__})", "server_error")
+
+
+class _CountStatus:
+    """ASGI middleware counting /v1 responses by status code (streaming ones when they start)."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.http_requests.labels(str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+class _Server:
+    """Per-app state shared by the route handlers."""
+
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, model_name: str, max_waiting: int,
+                 request_timeout: float | None):
+        self.engine, self.metrics, self.model_name = engine, metrics, model_name
+        self.max_waiting, self.request_timeout = max_waiting, request_timeout
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def require_tokenizer(self, param: str):
+        if self.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer; send token ids", param=param)
+        return self.tokenizer
+
+    def admit(self, num_requests: int) -> None:
+        if not self.engine.is_alive:
+            raise ApiError(503, "the server is shutting down", "service_unavailable_error")
+        if self.engine.num_waiting + num_requests > self.max_waiting:
+            raise ApiError(429, f"the server is busy: more than {self.max_waiting} requests are waiting; "
+                                f"retry later", "rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    def token_text(self, token: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token}"
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams, request_id: str) -> _Generation:
+        self.admit(len(prompts))
+        return _Generation(self, prompts, params, request_id)
+
+
+class _Generation:
+    """The engine requests behind one HTTP request (one per prompt), merged into one stream of
+    `(prompt index, output)` with metrics; leaving early aborts them all."""
+
+    def __init__(self, server: _Server, prompts, params: SamplingParams, request_id: str):
+        self.server, self.params = server, params
+        self.gens = [server.engine.generate(prompt, params, f"{request_id}-{i}", server.request_timeout)
+                     for i, prompt in enumerate(prompts)]
+        self.timers = [server.metrics.timer() for _ in prompts]
+        self.last: dict[int, RequestOutput] = {}
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, gen) -> None:
+            try:
+                async for output in gen:
+                    queue.put_nowait((i, output))
+            except Exception as exc:
+                queue.put_nowait((i, exc))
+            else:
+                queue.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(pump(i, gen)) for i, gen in enumerate(self.gens)]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                if isinstance(item, Exception):
+                    raise item
+                self.timers[i].observe(item)
+                self.last[i] = item
+                yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            for i, timer in enumerate(self.timers):
+                if not (i in self.last and self.last[i].finished):
+                    timer.fail(self.params.n)
+
+    def usage(self) -> p.Usage:
+        prompt = sum(len(o.prompt_token_ids) for o in self.last.values())
+        completion = sum(len(c.token_ids) for o in self.last.values() for c in o.outputs)
+        return p.Usage.of(prompt, completion)
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable):
+    """Await `work`, cancelling it (and so aborting its requests) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise ApiError(499, "the client closed the request")
+    return task.result()
+
+
+def _sse(data) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class _ChoiceState:
+    """What has been streamed for one choice: chars and tokens sent, whether it finished."""
+
+    def __init__(self):
+        self.chars = 0
+        self.tokens = 0
+        self.started = False
+        self.finished = False
+
+
+async def _stream_events(items: AsyncIterator, first: tuple[int, RequestOutput], render_chunks,
+                         finish_abort, usage_chunk) -> AsyncIterator[str]:
+    """Common SSE loop: chunks for `first` and each later output, the final usage chunk, [DONE].
+    A timeout ends unfinished choices with finish_reason "abort"; other errors become an error event."""
+    try:
+        item = first
+        while item is not None:
+            for chunk in render_chunks(*item):
+                yield _sse(chunk)
+            item = await anext(items, None)
+    except RequestTimeoutError:
+        for chunk in finish_abort():
+            yield _sse(chunk)
+    except Exception as exc:
+        error = ApiError.of(exc)
+        yield _sse(p.error_body(error.message, error.type, error.param, error.code))
+        yield "data: [DONE]\n\n"
+        return
+    finally:
+        await items.aclose()
+    if usage_chunk is not None:
+        yield _sse(usage_chunk())
+    yield "data: [DONE]\n\n"
+
+
+async def _start(request: Request, gen: _Generation, prompt_param: str):
+    """Wait (watching for disconnects) for the first output, so that validation errors and a
+    failing first step are answered with an HTTP error status rather than inside a stream."""
+    items = gen.outputs()
+    try:
+        first = await _unless_disconnected(request, anext(items))
+    except Exception as exc:
+        await items.aclose()
+        raise ApiError.of(exc, prompt_param) from None
+    return items, first
+
+
+async def _run_to_end(request: Request, gen: _Generation, prompt_param: str) -> None:
+    async def collect():
+        async for _ in gen.outputs():
+            pass
+    try:
+        await _unless_disconnected(request, collect())
+    except Exception as exc:
+        raise ApiError.of(exc, prompt_param) from None
+
+
+# ---- completions --------------------------------------------------------------------------------
+
+async def _completions(server: _Server, body: p.CompletionRequest, request: Request) -> Response:
+    server.check_model(body.model)
+    params = body.sampling_params()
+    prompts = body.prompts()
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    gen = server.generate(prompts, params, request_id)
+    n = params.n
+    states: dict[int, _ChoiceState] = {}
+
+    def echo_text(output: RequestOutput) -> str:
+        if not body.echo:
+            return ""
+        if output.prompt is not None:
+            return output.prompt
+        return server.require_tokenizer("prompt").decode(output.prompt_token_ids)
+
+    def choice_logprobs(choice: CompletionOutput, start_token: int, text_offset: int):
+        if choice.logprobs is None:
+            return None
+        return p.completion_logprobs(choice.token_ids[start_token:], choice.logprobs[start_token:],
+                                     server.token_text, text_offset)
+
+    if not body.stream:
+        await _run_to_end(request, gen, "prompt")
+        choices = []
+        for i in sorted(gen.last):
+            output = gen.last[i]
+            prefix = echo_text(output)
+            for c in output.outputs:
+                choices.append(p.CompletionChoice(index=i * n + c.index, text=prefix + c.text,
+                                                  logprobs=choice_logprobs(c, 0, 0), finish_reason=c.finish_reason))
+        return JSONResponse(p.CompletionResponse(id=request_id, model=server.model_name, choices=choices,
+                                                 usage=gen.usage()).model_dump())
+
+    created = int(time.time())
+
+    def chunk(choices: list[dict]) -> dict:
+        return {"id": request_id, "object": "text_completion", "created": created, "model": server.model_name,
+                "choices": choices, **({"usage": None} if body.include_usage else {})}
+
+    def render(i: int, output: RequestOutput):
+        choices = []
+        for c in output.outputs:
+            state = states.setdefault(i * n + c.index, _ChoiceState())
+            if state.finished:
+                continue
+            text = c.delta_text
+            if not state.started:
+                text = echo_text(output) + text
+                state.started = True
+            start = len(c.token_ids) - len(c.delta_token_ids)
+            if not (text or c.finish_reason or (c.logprobs is not None and c.delta_token_ids)):
+                continue
+            choices.append({"index": i * n + c.index, "text": text,
+                            "logprobs": choice_logprobs(c, start, state.chars), "finish_reason": c.finish_reason})
+            state.chars += len(text)
+            state.finished = c.finish_reason is not None
+        return [chunk(choices)] if choices else []
+
+    def finish_abort():
+        return [chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": "abort"}
+                       for index in range(len(prompts) * n) if not states.get(index, _ChoiceState()).finished])]
+
+    def usage_chunk():
+        return {**chunk([]), "usage": gen.usage().model_dump()}
+
+    items, first = await _start(request, gen, "prompt")
+    return StreamingResponse(_stream_events(items, first, render, finish_abort,
+                                            usage_chunk if body.include_usage else None),
+                             media_type="text/event-stream")
+
+
+# ---- chat completions ---------------------------------------------------------------------------
+
+async def _chat(server: _Server, body: p.ChatCompletionRequest, request: Request) -> Response:
+    server.check_model(body.model)
+    params = body.sampling_params()
+    tokenizer = server.require_tokenizer("messages")
+    prompt = tokenizer.apply_chat_template(body.message_dicts())
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    top_n = body.top_logprobs or 0
+    gen = server.generate([prompt], params, request_id)
+
+    def logprobs(choice: CompletionOutput, start: int):
+        if choice.logprobs is None:
+            return None
+        return p.chat_logprobs(choice.token_ids[start:], choice.logprobs[start:], server.token_text, top_n)
+
+    if not body.stream:
+        await _run_to_end(request, gen, "messages")
+        output = gen.last[0]
+        choices = [p.ChatChoice(index=c.index, message=p.ChatMessageOut(content=c.text), logprobs=logprobs(c, 0),
+                                finish_reason=c.finish_reason) for c in output.outputs]
+        return JSONResponse(p.ChatCompletionResponse(id=request_id, model=server.model_name, choices=choices,
+                                                     usage=gen.usage()).model_dump())
+
+    created = int(time.time())
+    states: dict[int, _ChoiceState] = {}
+
+    def chunk(choices: list[dict]) -> dict:
+        return {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                "model": server.model_name, "choices": choices,
+                **({"usage": None} if body.include_usage else {})}
+
+    def render(_: int, output: RequestOutput):
+        chunks = []
+        for c in output.outputs:
+            state = states.setdefault(c.index, _ChoiceState())
+            if state.finished:
+                continue
+            if not state.started:
+                state.started = True
+                chunks.append(chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": None, "finish_reason": None}]))
+            start = len(c.token_ids) - len(c.delta_token_ids)
+            if not (c.delta_text or c.finish_reason or (c.logprobs is not None and c.delta_token_ids)):
+                continue
+            delta = {"content": c.delta_text} if c.delta_text else {}
+            chunks.append(chunk([{"index": c.index, "delta": delta, "logprobs": logprobs(c, start),
+                                  "finish_reason": c.finish_reason}]))
+            state.finished = c.finish_reason is not None
+        return chunks
+
+    def finish_abort():
+        return [chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": "abort"}
+                       for index in range(params.n) if not states.get(index, _ChoiceState()).finished])]
+
+    def usage_chunk():
+        return {**chunk([]), "usage": gen.usage().model_dump()}
+
+    items, first = await _start(request, gen, "messages")
+    return StreamingResponse(_stream_events(items, first, render, finish_abort,
+                                            usage_chunk if body.include_usage else None),
+                             media_type="text/event-stream")
+
+
+# ---- app ------------------------------------------------------------------------------------------
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    errors = exc.errors()
+    params = [e["loc"][1] for e in errors if len(e["loc"]) > 1 and isinstance(e["loc"][1], str)]
+    details = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in errors[:3])
+    if any(e["type"] == "json_invalid" for e in errors):
+        return ApiError(400, f"the request body is not valid JSON ({details})")
+    return ApiError(400, f"invalid request: {details}", param=params[0] if params else None)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(LmserveError)
+    async def lmserve_error(_, exc: LmserveError):
+        return ApiError.of(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, exc: RequestValidationError):
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return ApiError(exc.status_code, str(exc.detail), type_, headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, exc: Exception):
+        return ApiError.of(exc).response()
+
+
+def _api_key_check(api_key: str | None) -> Callable:
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return check
+
+
+def _as_async_engine(engine: dict | LLMEngine | AsyncEngine) -> tuple[AsyncEngine, bool]:
+    """The engine to serve and whether the app owns (started, and will stop) it."""
+    if isinstance(engine, AsyncEngine):
+        return engine, False
+    if isinstance(engine, dict):
+        from lmserve.entrypoints.llm import LLM
+        engine = LLM(**engine).engine
+    return AsyncEngine(engine).start(), True
+
+
+def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, api_key: str | None = None,
+              max_waiting: int = DEFAULT_MAX_WAITING,
+              request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT) -> FastAPI:
+    """An app serving `engine`: `LLM` keyword arguments (the model is loaded now), an `LLMEngine`
+    (driven by a new thread) or a running `AsyncEngine` (shared; its owner stops it). Requests
+    beyond `max_waiting` queued ones get 429; a request running over `request_timeout` seconds
+    is aborted."""
+    async_engine, owned = _as_async_engine(engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        if owned:
+            await asyncio.to_thread(async_engine.shutdown)
+
+    app = FastAPI(title="lmserve", lifespan=lifespan)
+    metrics = ServerMetrics(async_engine)
+    server = _Server(async_engine, metrics, served_model_name, max_waiting, request_timeout)
+    app.state.engine = async_engine
+    app.state.metrics = metrics
+    app.add_middleware(_CountStatus, metrics=metrics)
+    _install_error_handlers(app)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))])
+
+    @v1.post("/completions")
+    async def completions(body: p.CompletionRequest, request: Request) -> Response:
+        return await _completions(server, body, request)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
+        return await _chat(server, body, request)
+
+    @v1.get("/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
+                                            "owned_by": "lmserve", "max_model_len": server.max_model_len}]}
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not async_engine.is_alive:
+            raise ApiError(503, "the engine is not running", "service_unavailable_error")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.post("/tokenize")
+    async def tokenize(body: p.TokenizeRequest) -> dict:
+        server.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
+        tokenizer = server.require_tokenizer("prompt" if body.messages is None else "messages")
+        if body.messages is not None:
+            text = tokenizer.apply_chat_template([m.as_dict() for m in body.messages], body.add_generation_prompt)
+        else:
+            text = body.prompt
+        tokens = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": server.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: p.DetokenizeRequest) -> dict:
+        server.check_model(body.model)
+        tokenizer = server.require_tokenizer("tokens")
+        vocab = async_engine.engine.model_config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"tokens: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    return app
+
+
+class _GracefulServer(uvicorn.Server):
+    """Aborts the requests in flight (so streams end at once) before uvicorn drains connections."""
+
+    async def shutdown(self, sockets=None) -> None:
+        self.config.app.state.engine.begin_shutdown()
+        await super().shutdown(sockets)
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run `app` under uvicorn until SIGINT/SIGTERM."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    _GracefulServer(config).run()
