@@ -1,0 +1,1 @@
+"""Load generators and measurement tools (`lmserve bench ...`)."""
