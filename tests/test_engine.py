@@ -178,3 +178,20 @@ def test_prefix_cache_hits_and_gives_the_same_tokens(smollm2_path, llm):
     # each later prompt reused every full block of the shared prefix
     assert bm.prefix_hits - hits_before == 2 * (shared // 16) * 16
     assert _all_free(llm)
+
+
+def test_prompt_longer_than_the_step_budget_is_chunked(smollm2_path, llm):
+    prompt = PROMPTS[4] * 4
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    chunked = LLM(str(smollm2_path), max_num_batched_tokens=16, enable_prefix_caching=False)
+    assert len(chunked.tokenizer.encode(prompt)) > 3 * 16
+    assert _texts(chunked.generate([prompt, PROMPTS[0]], params, use_tqdm=False)) == \
+        _texts(llm.generate([prompt, PROMPTS[0]], params, use_tqdm=False))
+
+
+def test_prompt_filling_the_context_is_refused_without_max_tokens(smollm2_path):
+    small = LLM(str(smollm2_path), max_model_len=32)
+    with pytest.raises(ContextLengthError, match="32"):
+        small.generate("word " * 40, SamplingParams(max_tokens=None), use_tqdm=False)
+    out = small.generate("Hello", SamplingParams(max_tokens=None, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 32

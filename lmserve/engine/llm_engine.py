@@ -120,7 +120,7 @@ class LLMEngine:
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]
         limit = self.max_model_len
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else max(1, limit - len(ids))
         if len(ids) + max_tokens > limit:
             raise ContextLengthError(
                 "max_tokens" if len(ids) < limit else "prompt",

@@ -93,4 +93,4 @@ class ModelRunner:
         dev = self.device
         meta = AttentionMetadata(torch.tensor(slots, device=dev), groups, len(input_ids))
         hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta)
-        return self.model.compute_logits(hidden[torch.tensor(sample_index, device=dev)])
+        return self.model.compute_logits(hidden[torch.tensor(sample_index, dtype=torch.long, device=dev)])

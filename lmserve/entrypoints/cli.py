@@ -1,4 +1,4 @@
-"""The `lmserve` command line: generate, chat and info.
+"""The `lmserve` command line: generate, chat, info, serve, batch and bench.
 
 Every user-caused failure (bad file, bad value) is an `LmserveError`; it is printed as one
 `error: ...` line with exit status 2, never as a traceback.
@@ -11,6 +11,8 @@ import logging
 import sys
 import time
 
+from lmserve.benchmark.serve import add_parser as add_bench_parser
+from lmserve.benchmark.serve import cmd_bench
 from lmserve.errors import LmserveError
 
 
@@ -54,6 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("model", nargs="?", default=None)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, local only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    serve.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
+    serve.add_argument("--max-waiting", type=int, default=256,
+                       help="queued requests beyond which new ones get 429")
+    serve.add_argument("--request-timeout", type=float, default=600.0,
+                       help="seconds after which a request is aborted")
+    batch = sub.add_parser("batch", help="run a JSONL file of prompts; resumes an interrupted job")
+    batch.add_argument("input", help="JSONL: {\"prompt\" | \"messages\", sampling fields, \"id\"} per line")
+    batch.add_argument("output", help="JSONL results, one line per input line")
+    batch.add_argument("--chunk-size", type=int, default=64, help="lines run (and written) together")
+    _add_model_args(batch)
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -149,7 +169,25 @@ def cmd_info(args) -> None:
         print(f"{key:<{width}}  {value}")
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+def cmd_serve(args) -> None:
+    from lmserve.default_model import DEFAULT_MODEL
+    from lmserve.server import build_app, serve
+
+    llm = _llm(args)
+    app = build_app(llm.engine, args.served_model_name or args.model or DEFAULT_MODEL, api_key=args.api_key,
+                    max_waiting=args.max_waiting, request_timeout=args.request_timeout)
+    serve(app, host=args.host, port=args.port)
+
+
+def cmd_batch(args) -> None:
+    from lmserve.entrypoints.batch import run_batch
+
+    ran = run_batch(_llm(args), args.input, args.output, chunk_size=args.chunk_size)
+    print(f"{ran} line(s) run; results in {args.output}", file=sys.stderr)
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "serve": cmd_serve,
+            "batch": cmd_batch, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

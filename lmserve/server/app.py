@@ -28,7 +28,7 @@ from lmserve.engine.llm_engine import LLMEngine
 from lmserve.errors import ContextLengthError, InvalidParameterError, LmserveError
 from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.sampling_params import SamplingParams
-from lmserve.server import protocol as p
+from lmserve.server import protocol as proto
 from lmserve.server.async_engine import (AsyncEngine, EngineStepError, EngineUnavailableError,
                                          RequestTimeoutError)
 from lmserve.server.metrics import ServerMetrics
@@ -50,7 +50,7 @@ class ApiError(Exception):
         self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(p.error_body(self.message, self.type, self.param, self.code), self.status,
+        return JSONResponse(proto.error_body(self.message, self.type, self.param, self.code), self.status,
                             headers=self.headers)
 
     @classmethod
@@ -127,9 +127,27 @@ class _Server:
             return f"token_id:{token}"
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams, request_id: str) -> _Generation:
+    def token_ids(self, prompt: str | list[int], params: SamplingParams) -> str | list[int]:
+        """Tokenize a text prompt here, off the engine thread. Also refuse a prompt that alone
+        fills the context when max_tokens is None: the engine would admit it with a negative
+        token budget and fail in the model step."""
+        if isinstance(prompt, str) and self.tokenizer is not None:
+            prompt = self.tokenizer.encode(prompt)
+        if params.max_tokens is None and isinstance(prompt, list):
+            length = len(prompt[-params.truncate_prompt_tokens:] if params.truncate_prompt_tokens else prompt)
+            if length >= self.max_model_len:
+                raise ContextLengthError("prompt", f"the prompt has {length} tokens, which leaves no room to "
+                                                   f"generate within the context limit of {self.max_model_len} tokens")
+        return prompt
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams, request_id: str,
+                 prompt_param: str) -> _Generation:
         self.admit(len(prompts))
-        return _Generation(self, prompts, params, request_id)
+        try:
+            token_ids = [self.token_ids(prompt, params) for prompt in prompts]
+        except LmserveError as exc:
+            raise ApiError.of(exc, prompt_param) from None
+        return _Generation(self, token_ids, params, request_id)
 
 
 class _Generation:
@@ -175,10 +193,10 @@ class _Generation:
                 if not (i in self.last and self.last[i].finished):
                     timer.fail(self.params.n)
 
-    def usage(self) -> p.Usage:
+    def usage(self) -> proto.Usage:
         prompt = sum(len(o.prompt_token_ids) for o in self.last.values())
         completion = sum(len(c.token_ids) for o in self.last.values() for c in o.outputs)
-        return p.Usage.of(prompt, completion)
+        return proto.Usage.of(prompt, completion)
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -191,12 +209,13 @@ async def _unless_disconnected(request: Request, work: Awaitable):
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_until_disconnected(request))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
+        task.cancel()  # a no-op once it is done
+    if task not in done:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         raise ApiError(499, "the client closed the request")
     return task.result()
 
@@ -206,11 +225,10 @@ def _sse(data) -> str:
 
 
 class _ChoiceState:
-    """What has been streamed for one choice: chars and tokens sent, whether it finished."""
+    """What has been streamed for one choice: characters sent, whether it started and finished."""
 
     def __init__(self):
         self.chars = 0
-        self.tokens = 0
         self.started = False
         self.finished = False
 
@@ -230,7 +248,7 @@ async def _stream_events(items: AsyncIterator, first: tuple[int, RequestOutput],
             yield _sse(chunk)
     except Exception as exc:
         error = ApiError.of(exc)
-        yield _sse(p.error_body(error.message, error.type, error.param, error.code))
+        yield _sse(proto.error_body(error.message, error.type, error.param, error.code))
         yield "data: [DONE]\n\n"
         return
     finally:
@@ -264,26 +282,26 @@ async def _run_to_end(request: Request, gen: _Generation, prompt_param: str) -> 
 
 # ---- completions --------------------------------------------------------------------------------
 
-async def _completions(server: _Server, body: p.CompletionRequest, request: Request) -> Response:
+async def _completions(server: _Server, body: proto.CompletionRequest, request: Request) -> Response:
     server.check_model(body.model)
     params = body.sampling_params()
     prompts = body.prompts()
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    gen = server.generate(prompts, params, request_id)
+    gen = server.generate(prompts, params, request_id, "prompt")
     n = params.n
     states: dict[int, _ChoiceState] = {}
 
-    def echo_text(output: RequestOutput) -> str:
+    def echo_text(i: int) -> str:
         if not body.echo:
             return ""
-        if output.prompt is not None:
-            return output.prompt
-        return server.require_tokenizer("prompt").decode(output.prompt_token_ids)
+        if isinstance(prompts[i], str):
+            return prompts[i]
+        return server.require_tokenizer("prompt").decode(prompts[i])
 
     def choice_logprobs(choice: CompletionOutput, start_token: int, text_offset: int):
         if choice.logprobs is None:
             return None
-        return p.completion_logprobs(choice.token_ids[start_token:], choice.logprobs[start_token:],
+        return proto.completion_logprobs(choice.token_ids[start_token:], choice.logprobs[start_token:],
                                      server.token_text, text_offset)
 
     if not body.stream:
@@ -291,12 +309,13 @@ async def _completions(server: _Server, body: p.CompletionRequest, request: Requ
         choices = []
         for i in sorted(gen.last):
             output = gen.last[i]
-            prefix = echo_text(output)
+            prefix = echo_text(i)
             for c in output.outputs:
-                choices.append(p.CompletionChoice(index=i * n + c.index, text=prefix + c.text,
-                                                  logprobs=choice_logprobs(c, 0, 0), finish_reason=c.finish_reason))
-        return JSONResponse(p.CompletionResponse(id=request_id, model=server.model_name, choices=choices,
-                                                 usage=gen.usage()).model_dump())
+                choices.append(proto.CompletionChoice(index=i * n + c.index, text=prefix + c.text,
+                                                      logprobs=choice_logprobs(c, 0, 0),
+                                                      finish_reason=c.finish_reason))
+        return JSONResponse(proto.CompletionResponse(id=request_id, model=server.model_name, choices=choices,
+                                                     usage=gen.usage()).model_dump())
 
     created = int(time.time())
 
@@ -312,7 +331,7 @@ async def _completions(server: _Server, body: p.CompletionRequest, request: Requ
                 continue
             text = c.delta_text
             if not state.started:
-                text = echo_text(output) + text
+                text = echo_text(i) + text
                 state.started = True
             start = len(c.token_ids) - len(c.delta_token_ids)
             if not (text or c.finish_reason or (c.logprobs is not None and c.delta_token_ids)):
@@ -338,27 +357,27 @@ async def _completions(server: _Server, body: p.CompletionRequest, request: Requ
 
 # ---- chat completions ---------------------------------------------------------------------------
 
-async def _chat(server: _Server, body: p.ChatCompletionRequest, request: Request) -> Response:
+async def _chat(server: _Server, body: proto.ChatCompletionRequest, request: Request) -> Response:
     server.check_model(body.model)
     params = body.sampling_params()
     tokenizer = server.require_tokenizer("messages")
     prompt = tokenizer.apply_chat_template(body.message_dicts())
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     top_n = body.top_logprobs or 0
-    gen = server.generate([prompt], params, request_id)
+    gen = server.generate([prompt], params, request_id, "messages")
 
     def logprobs(choice: CompletionOutput, start: int):
         if choice.logprobs is None:
             return None
-        return p.chat_logprobs(choice.token_ids[start:], choice.logprobs[start:], server.token_text, top_n)
+        return proto.chat_logprobs(choice.token_ids[start:], choice.logprobs[start:], server.token_text, top_n)
 
     if not body.stream:
         await _run_to_end(request, gen, "messages")
         output = gen.last[0]
-        choices = [p.ChatChoice(index=c.index, message=p.ChatMessageOut(content=c.text), logprobs=logprobs(c, 0),
-                                finish_reason=c.finish_reason) for c in output.outputs]
-        return JSONResponse(p.ChatCompletionResponse(id=request_id, model=server.model_name, choices=choices,
-                                                     usage=gen.usage()).model_dump())
+        choices = [proto.ChatChoice(index=c.index, message=proto.ChatMessageOut(content=c.text),
+                                    logprobs=logprobs(c, 0), finish_reason=c.finish_reason) for c in output.outputs]
+        return JSONResponse(proto.ChatCompletionResponse(id=request_id, model=server.model_name, choices=choices,
+                                                         usage=gen.usage()).model_dump())
 
     created = int(time.time())
     states: dict[int, _ChoiceState] = {}
@@ -482,11 +501,11 @@ def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, ap
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))])
 
     @v1.post("/completions")
-    async def completions(body: p.CompletionRequest, request: Request) -> Response:
+    async def completions(body: proto.CompletionRequest, request: Request) -> Response:
         return await _completions(server, body, request)
 
     @v1.post("/chat/completions")
-    async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(body: proto.ChatCompletionRequest, request: Request) -> Response:
         return await _chat(server, body, request)
 
     @v1.get("/models")
@@ -507,7 +526,7 @@ def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, ap
         return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.post("/tokenize")
-    async def tokenize(body: p.TokenizeRequest) -> dict:
+    async def tokenize(body: proto.TokenizeRequest) -> dict:
         server.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
@@ -520,7 +539,7 @@ def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, ap
         return {"tokens": tokens, "count": len(tokens), "max_model_len": server.max_model_len}
 
     @app.post("/detokenize")
-    async def detokenize(body: p.DetokenizeRequest) -> dict:
+    async def detokenize(body: proto.DetokenizeRequest) -> dict:
         server.check_model(body.model)
         tokenizer = server.require_tokenizer("tokens")
         vocab = async_engine.engine.model_config.vocab_size

@@ -78,6 +78,7 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
 
 
 class AsyncEngine:
@@ -128,6 +129,14 @@ class AsyncEngine:
             raise EngineUnavailableError("the server is shutting down")
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+
+        async def within_deadline(awaitable):
+            remaining = None if deadline is None else deadline - loop.time()
+            try:
+                return await asyncio.wait_for(awaitable, remaining)
+            except asyncio.TimeoutError:
+                raise RequestTimeoutError(f"the request took longer than {timeout:g} s and was aborted") from None
+
         stream = _Stream(loop)
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         with self._pending_lock:
@@ -135,14 +144,9 @@ class AsyncEngine:
         self._commands.put(_Add(request_id, prompt, params, stream, accepted))
         finished = False
         try:
-            await asyncio.wrap_future(accepted)
+            await within_deadline(asyncio.wrap_future(accepted))
             while not finished:
-                remaining = None if deadline is None else deadline - loop.time()
-                try:
-                    item = await asyncio.wait_for(stream.queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    raise RequestTimeoutError(f"the request took longer than {timeout:g} s and was aborted") \
-                        from None
+                item = await within_deadline(stream.queue.get())
                 if isinstance(item, BaseException):
                     finished = True  # the engine thread has already dropped the request
                     raise item
@@ -156,12 +160,16 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while True:
-            idle = not self.engine.has_unfinished_requests()
-            if not self._handle_commands(block=idle):
-                return
-            if self.engine.has_unfinished_requests():
-                self._step()
-            self._publish_stats()
+            try:
+                idle = not self.engine.has_unfinished_requests()
+                if not self._handle_commands(block=idle):
+                    return
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                self._publish_stats()
+            except Exception as exc:  # a bug outside step(): fail what is in flight, keep serving
+                logger.exception("engine loop error")
+                self._fail_all(EngineStepError(f"engine loop error ({type(exc).__name__}: {exc})"))
 
     def _handle_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one if `block`); False once told to stop."""
@@ -183,16 +191,17 @@ class AsyncEngine:
             self._publish_stats()
 
     def _add(self, command: _Add) -> None:
+        with self._pending_lock:
+            self._pending_adds -= 1
+        if not command.accepted.set_running_or_notify_cancel():
+            return  # the handler went away (cancelled or timed out) before the request was taken
         try:
             self.engine.add_request(command.prompt, command.params, command.request_id)
         except Exception as exc:  # validation errors go back to the handler as they are
             command.accepted.set_exception(exc)
-        else:
-            self._streams[command.request_id] = command.stream
-            command.accepted.set_result(None)
-        finally:
-            with self._pending_lock:
-                self._pending_adds -= 1
+            return
+        self._streams[command.request_id] = command.stream
+        command.accepted.set_result(None)
 
     def _drain_after_stop(self) -> None:
         """Refuse adds that raced with the stop so no handler waits forever."""
@@ -201,7 +210,7 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(command, _Add):
+            if isinstance(command, _Add) and command.accepted.set_running_or_notify_cancel():
                 command.accepted.set_exception(EngineUnavailableError("the server is shutting down"))
 
     def _step(self) -> None:
@@ -230,4 +239,5 @@ class AsyncEngine:
         self.stats = EngineStats(
             num_running=len({s.request.request_id for s in scheduler.running}),
             num_waiting=len({s.request.request_id for s in scheduler.waiting}),
-            kv_cache_usage=blocks.num_used_blocks / blocks.num_blocks if blocks.num_blocks else 0.0)
+            kv_cache_usage=blocks.num_used_blocks / blocks.num_blocks if blocks.num_blocks else 0.0,
+            prefix_cache_hit_rate=blocks.prefix_cache_hit_rate)

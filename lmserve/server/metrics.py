@@ -41,8 +41,8 @@ class ServerMetrics:
             .set_function(lambda: engine.num_waiting)
         Gauge("lmserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0 to 1)", registry=registry) \
             .set_function(lambda: engine.stats.kv_cache_usage)
-        Gauge("lmserve_prefix_cache_hit_rate", "Prefix-cache hit rate; always 0: prefix caching is not "
-              "implemented yet", registry=registry).set(0)
+        Gauge("lmserve_prefix_cache_hit_rate", "Fraction of admitted prompt tokens found in the prefix cache "
+              "since start", registry=registry).set_function(lambda: engine.stats.prefix_cache_hit_rate)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -48,6 +48,7 @@ class _SamplingRequest(_Request):
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    truncate_prompt_tokens: int | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -60,7 +61,7 @@ class _SamplingRequest(_Request):
             n=self.n, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos,
-            logprobs=logprobs, logit_bias=self.logit_bias)
+            logprobs=logprobs, logit_bias=self.logit_bias, truncate_prompt_tokens=self.truncate_prompt_tokens)
 
 
 class CompletionRequest(_SamplingRequest):
