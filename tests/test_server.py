@@ -396,3 +396,47 @@ def test_bench_serve_reports_latencies_and_throughput(url, tmp_path, capsys):
     assert 0 < result["ttft"]["median_ms"] <= result["e2e_latency"]["median_ms"]
     assert result["tpot"]["mean_ms"] > 0 and result["itl"]["p99_ms"] >= result["itl"]["median_ms"]
     assert "TTFT" in capsys.readouterr().out
+
+
+# ---- fuzzing: generated request bodies never get a 5xx ------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_scalars = (st.none() | st.booleans() | st.integers(-10**12, 10**12)
+            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8))
+_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+_small_count = st.integers(-3, 3) | st.just(10**9) | _json
+_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "robot"]) | _json,
+                                  "content": st.text(max_size=20) | _json})
+_sampling = {
+    "model": st.just(MODEL) | _json, "temperature": st.floats(-1, 3) | _json, "top_p": st.floats(-0.5, 1.5) | _json,
+    "n": _small_count, "stop": st.text(max_size=4) | st.lists(st.text(max_size=4), max_size=3) | _json,
+    "seed": st.integers(-2**70, 2**70) | _json, "presence_penalty": st.floats(-3, 3) | _json,
+    "frequency_penalty": st.floats(-3, 3) | _json, "logit_bias": st.dictionaries(
+        st.integers(-5, 60000).map(str), st.floats(-200, 200), max_size=2) | _json,
+    "top_k": st.integers(-2, 60000) | _json, "min_p": st.floats(-1, 2) | _json,
+    "repetition_penalty": st.floats(-1, 3) | _json, "ignore_eos": st.booleans() | _json,
+    "stream": st.booleans() | _json, "user": st.text(max_size=5) | _json,
+}
+_completion_bodies = st.fixed_dictionaries(
+    {"max_tokens": _small_count},
+    optional={"prompt": st.text(max_size=30) | st.lists(st.integers(-5, 60000), max_size=5) | _json,
+              "echo": st.booleans() | _json, "logprobs": st.integers(-2, 30) | _json, **_sampling})
+_chat_bodies = st.fixed_dictionaries(
+    {"max_tokens": _small_count},
+    optional={"messages": st.lists(_message, max_size=3) | _json, "logprobs": st.booleans() | _json,
+              "top_logprobs": st.integers(-2, 30) | _json, "max_completion_tokens": _small_count, **_sampling})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path_and_body=st.tuples(st.just("/v1/completions"), _completion_bodies)
+       | st.tuples(st.just("/v1/chat/completions"), _chat_bodies))
+def test_fuzzed_bodies_never_get_a_server_error(http, path_and_body):
+    path, body = path_and_body
+    response = http.post(path, json=body)
+    assert response.status_code < 500, (body, response.text)
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert set(error) >= {"message", "type", "param", "code"} and error["message"]
