@@ -5,7 +5,8 @@ running sequences first (one decode token, or the next chunk of a prompt), then 
 arrival order while the token budget (`max_num_batched_tokens`), the sequence budget
 (`max_num_seqs`) and the free KV blocks allow. A long prompt is split into chunks that fit the
 budget, so it shares steps with other sequences' decode tokens. A sequence admitted from the
-queue first adopts whatever prefix of it the block manager has cached. When a running sequence needs a
+queue first adopts whatever prefix of it the block manager has cached (the n samples of one
+request share their prompt's blocks this way). When a running sequence needs a
 block and none is free, the newest running sequence is preempted: its blocks are freed and it
 goes back to the front of the queue, to be recomputed from its tokens later.
 """
@@ -53,6 +54,15 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
 
+    def _waits_for_sibling(self, seq: Sequence) -> bool:
+        """With prefix caching, the n samples of one request share the prompt's blocks: samples
+        after the first start only once the first has computed its prompt, then adopt its cached
+        blocks and recompute at most the last, partial one."""
+        if not self.block_manager.enable_prefix_caching or seq.index == 0 or seq.num_output_tokens:
+            return False
+        first = seq.request.seqs[0]
+        return not first.is_finished and first.num_output_tokens == 0
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
@@ -81,8 +91,12 @@ class Scheduler:
             budget -= n
             i += 1
         # After a preemption the pool is known to be short: admit nobody new this step.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        admitted = []
+        for seq in list(self.waiting) if not preempted else []:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if self._waits_for_sibling(seq):
+                continue
             self.block_manager.reuse_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
@@ -90,9 +104,11 @@ class Scheduler:
                 seq.num_computed_tokens = 0
                 break
             self.block_manager.record_admission(seq.num_tokens, seq.num_computed_tokens)
-            self.waiting.popleft()
+            admitted.append(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
+        for seq in admitted:
+            self.waiting.remove(seq)
         return scheduled
