@@ -52,9 +52,11 @@ class ModelConfig:
             raise InvalidParameterError(
                 "num_kv_heads", f"must divide num_heads ({self.num_heads}), got {self.num_kv_heads}")
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """Bytes of K and V cache one token occupies across all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize
+    def kv_bytes_per_token(self, dtype: torch.dtype, quantized: bool = False) -> int:
+        """Bytes of K and V cache one token occupies across all layers; a quantized cache also
+        stores one fp32 scale per token and head."""
+        per_head = self.head_dim * dtype.itemsize + (4 if quantized else 0)
+        return 2 * self.num_layers * self.num_kv_heads * per_head
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -108,6 +110,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # auto (the compute dtype), int8 or fp8 (e4m3)
     seed: int = 0
 
     def __post_init__(self):
@@ -119,6 +122,11 @@ class EngineConfig:
             raise InvalidParameterError("device", "cuda requested but no CUDA GPU is available")
         self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)
         self.kv_cache_bytes = parse_bytes(self.kv_cache_memory, "kv_cache_memory")
+        kv_dtypes = {"auto": self.torch_dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
+        if self.kv_cache_dtype not in kv_dtypes:
+            raise InvalidParameterError("kv_cache_dtype", f"must be one of auto, int8, fp8; got {self.kv_cache_dtype!r}")
+        self.kv_torch_dtype = kv_dtypes[self.kv_cache_dtype]
+        self.kv_quantized = self.kv_cache_dtype != "auto"
         for name, low in (("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:

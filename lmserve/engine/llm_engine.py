@@ -75,7 +75,7 @@ class LLMEngine:
         self.model = build_model(checkpoint, engine_config, max_len)
         logger.info("loaded %s (%s) in %.1f s", checkpoint.path, self.model_config.architecture,
                     time.perf_counter() - start)
-        salt = f"{checkpoint.path}|{engine_config.torch_dtype}"  # K/V differ per model and dtype
+        salt = f"{checkpoint.path}|{engine_config.torch_dtype}|{engine_config.kv_cache_dtype}"  # what changes K/V
         self.block_manager = BlockManager(num_blocks, engine_config.block_size,
                                           engine_config.enable_prefix_caching, salt)
         self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,

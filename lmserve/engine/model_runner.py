@@ -25,7 +25,8 @@ _PAD_POSITION = 1 << 40  # key position larger than any query: masked by causali
 def num_kv_blocks_for(model_config: ModelConfig, engine_config: EngineConfig) -> int:
     if engine_config.num_kv_blocks is not None:
         return engine_config.num_kv_blocks
-    per_block = model_config.kv_bytes_per_token(engine_config.torch_dtype) * engine_config.block_size
+    per_block = model_config.kv_bytes_per_token(engine_config.kv_torch_dtype,
+                                                engine_config.kv_quantized) * engine_config.block_size
     return max(1, engine_config.kv_cache_bytes // per_block)
 
 
@@ -38,13 +39,21 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         num_slots = num_blocks * self.block_size
         shape = (2, num_slots, model_config.num_kv_heads, model_config.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                          for _ in model.attention_layers()]
-        for layer, cache in zip(model.attention_layers(), self.kv_caches):
-            layer.kv_cache = cache
-        total = sum(c.numel() * c.element_size() for c in self.kv_caches)
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB", num_blocks, self.block_size,
-                    num_slots, total / 2**20)
+        layers = model.attention_layers()
+        self.kv_caches = [torch.zeros(shape, dtype=engine_config.kv_torch_dtype, device=self.device)
+                          for _ in layers]
+        self.kv_scales = [torch.ones(shape[:3], dtype=torch.float32, device=self.device)
+                          if engine_config.kv_quantized else None for _ in layers]
+        for layer, cache, scales in zip(layers, self.kv_caches, self.kv_scales):
+            layer.kv_cache, layer.kv_scales = cache, scales
+        total = sum(t.numel() * t.element_size() for t in self.kv_caches + self.kv_scales if t is not None)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%s)", num_blocks, self.block_size,
+                    num_slots, total / 2**20, engine_config.kv_cache_dtype)
+        if engine_config.kv_quantized:
+            plain = model_config.kv_bytes_per_token(self.dtype)
+            packed = model_config.kv_bytes_per_token(engine_config.kv_torch_dtype, quantized=True)
+            logger.info("%s KV cache holds %.2fx the tokens of a %s cache in the same memory",
+                        engine_config.kv_cache_dtype, plain / packed, str(self.dtype).replace("torch.", ""))
 
     def _group(self, rows: list[ScheduledSequence], starts: list[int]) -> AttentionGroup:
         n = torch.tensor([r.num_tokens for r in rows])

@@ -24,6 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", default="1GiB")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto, int8 or fp8")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _llm(args):
     from lmserve import LLM
     return LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
-               max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory)
+               max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+               kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _params(args):

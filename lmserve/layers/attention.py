@@ -1,7 +1,8 @@
 """Attention over the paged KV cache.
 
 Each layer owns one cache tensor shaped [2, num_slots, num_kv_heads, head_dim] (K and V; a slot
-is one token position inside one block). A forward step first writes the new tokens' K/V into
+is one token position inside one block), stored in the compute dtype or, quantized, as int8 or
+fp8 with one scale per token and head. A forward step first writes the new tokens' K/V into
 their slots (`slot_mapping`, one indexed copy), then computes attention for every scheduled
 sequence at once: the model runner packs sequences into padded groups (`AttentionGroup`), each
 holding the query token indices, the cache slots of the context and the positions needed for
@@ -63,18 +64,43 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
-        self.kv_cache: torch.Tensor | None = None  # bound by the model runner
+        # Bound by the model runner: [2, slots, Hkv, D] and, for an int8/fp8 cache, one scale per
+        # token and head, [2, slots, Hkv].
+        self.kv_cache: torch.Tensor | None = None
+        self.kv_scales: torch.Tensor | None = None
+
+    def _write(self, i: int, x: torch.Tensor, slots: torch.Tensor) -> None:
+        cache = self.kv_cache[i]
+        if self.kv_scales is None:
+            cache.index_copy_(0, slots, x.to(cache.dtype))
+            return
+        qmax = 127.0 if cache.dtype == torch.int8 else torch.finfo(cache.dtype).max
+        scale = x.float().abs().amax(dim=-1).clamp(min=1e-8) / qmax
+        # Clamp: x / scale can land a rounding error above qmax, which fp8 turns into NaN.
+        scaled = (x.float() / scale.unsqueeze(-1)).clamp(-qmax, qmax)
+        packed = (scaled.round() if cache.dtype == torch.int8 else scaled).to(cache.dtype)
+        # Byte views: CPU kernels do not index fp8 tensors.
+        cache.view(torch.uint8).index_copy_(0, slots, packed.view(torch.uint8))
+        self.kv_scales[i].index_copy_(0, slots, scale)
+
+    def _read(self, i: int, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[B, Hkv, K, D] context of a group, dequantized to the compute dtype."""
+        if self.kv_scales is None:
+            x = self.kv_cache[i][slots]
+        else:
+            cache = self.kv_cache[i]
+            x = cache.view(torch.uint8)[slots].view(cache.dtype).float() * self.kv_scales[i][slots].unsqueeze(-1)
+        return x.to(dtype).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, Hkv, D] for the step's tokens; returns [T, H*D]."""
-        cache = self.kv_cache
-        cache[0].index_copy_(0, meta.slot_mapping, k.to(cache.dtype))
-        cache[1].index_copy_(0, meta.slot_mapping, v.to(cache.dtype))
+        self._write(0, k, meta.slot_mapping)
+        self._write(1, v, meta.slot_mapping)
         out = q.new_empty(q.shape)
         for group in meta.groups:
             qg = q[group.token_index].transpose(1, 2)  # [B, H, Q, D]
-            kg = cache[0][group.kv_slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, K, D]
-            vg = cache[1][group.kv_slots].to(q.dtype).transpose(1, 2)
+            kg = self._read(0, group.kv_slots, q.dtype)
+            vg = self._read(1, group.kv_slots, q.dtype)
             og = F.scaled_dot_product_attention(
                 qg, kg, vg, attn_mask=group.mask(self.sliding_window), scale=self.scale,
                 enable_gqa=self.num_kv_heads != self.num_heads)
