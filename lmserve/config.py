@@ -9,6 +9,10 @@ import torch
 
 from lmserve.errors import InvalidParameterError
 
+# Server limits: requests queued beyond this many get HTTP 429; a request running longer is aborted.
+DEFAULT_MAX_WAITING = 256
+DEFAULT_REQUEST_TIMEOUT = 600.0
+
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

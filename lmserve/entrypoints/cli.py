@@ -13,6 +13,7 @@ import time
 
 from lmserve.benchmark.serve import add_parser as add_bench_parser
 from lmserve.benchmark.serve import cmd_bench
+from lmserve.config import DEFAULT_MAX_WAITING, DEFAULT_REQUEST_TIMEOUT
 from lmserve.errors import LmserveError
 
 
@@ -64,10 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
     serve.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
-    serve.add_argument("--max-waiting", type=int, default=256,
+    serve.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                        help="queued requests beyond which new ones get 429")
-    serve.add_argument("--request-timeout", type=float, default=600.0,
+    serve.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
                        help="seconds after which a request is aborted")
+
     batch = sub.add_parser("batch", help="run a JSONL file of prompts; resumes an interrupted job")
     batch.add_argument("input", help="JSONL: {\"prompt\" | \"messages\", sampling fields, \"id\"} per line")
     batch.add_argument("output", help="JSONL results, one line per input line")

@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmserve.config import DEFAULT_MAX_WAITING, DEFAULT_REQUEST_TIMEOUT
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.errors import ContextLengthError, InvalidParameterError, LmserveError
 from lmserve.outputs import CompletionOutput, RequestOutput
@@ -35,8 +36,6 @@ from lmserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger("lmserve.server")
 
-DEFAULT_MAX_WAITING = 256
-DEFAULT_REQUEST_TIMEOUT = 600.0
 RETRY_AFTER_SECONDS = 1
 
 
