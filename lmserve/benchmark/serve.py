@@ -103,6 +103,8 @@ async def run_benchmark(base_url: str, model: str | None, prompts: list[str], ou
     async with httpx.AsyncClient(timeout=timeout, headers=headers) as client:
         if model is None:
             listing = (await client.get(base_url.rstrip("/") + "/v1/models")).json()
+            if not listing.get("data"):
+                raise SystemExit("error: the server lists no models in /v1/models 'data'; pass --model")
             model = listing["data"][0]["id"]
         gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         rng = random.Random(seed)
