@@ -179,7 +179,7 @@ class LLMEngine:
             r.seq.num_computed_tokens += r.num_tokens
             self.block_manager.register_full_blocks(r.seq)
         sampling = [r.seq for r in scheduled if r.seq.num_computed_tokens == r.seq.num_tokens]
-        rows = [SamplingRow(s.params, s.generator, s.token_ids[: s.num_prompt_tokens], s.output_token_ids)
+        rows = [SamplingRow(s.params, s.generator, s.request.prompt_token_ids, s.output_token_ids)
                 for s in sampling]
         result = self.sampler(logits, rows, [self.stop_token_ids | set(s.params.stop_token_ids or ())
                                              for s in sampling])
