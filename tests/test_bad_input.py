@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from lmserve import LLM, SamplingParams
+from lmserve import LLM
 from lmserve.config import EngineConfig
 from lmserve.entrypoints.cli import main
 from lmserve.errors import InvalidParameterError, ModelLoadError

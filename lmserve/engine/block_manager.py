@@ -120,10 +120,5 @@ class BlockManager:
         seq.block_table = []
         seq.num_registered_blocks = 0
 
-    def reset_prefix_cache(self) -> None:
-        for block in self.cached.values():
-            self.block_hash[block] = None
-        self.cached.clear()
-
     def slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

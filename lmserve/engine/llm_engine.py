@@ -23,7 +23,7 @@ from lmserve.engine.model_runner import ModelRunner, num_kv_blocks_for
 from lmserve.engine.sampler import Sampler, SamplingRow
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Request, Sequence, SequenceStatus
-from lmserve.errors import ContextLengthError, InvalidParameterError, LmserveError, ModelLoadError
+from lmserve.errors import ContextLengthError, InvalidParameterError, ModelLoadError
 from lmserve.loader import Checkpoint
 from lmserve.models import MODEL_REGISTRY
 from lmserve.models.weights import WeightLoadError, load_weights
@@ -257,5 +257,3 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
                              request.is_finished, metrics)
 
-
-__all__ = ["LLMEngine", "LmserveError"]

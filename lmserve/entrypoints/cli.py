@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 
 from lmserve.benchmark.serve import add_parser as add_bench_parser
 from lmserve.benchmark.serve import cmd_bench
