@@ -13,6 +13,8 @@ from lmserve.errors import InvalidParameterError
 DEFAULT_MAX_WAITING = 256
 DEFAULT_REQUEST_TIMEOUT = 600.0
 
+QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
+
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -115,6 +117,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # auto (the compute dtype), int8 or fp8 (e4m3)
+    # auto: keep a GGUF file's packed formats (computing in bf16), dense weights otherwise;
+    # none: dequantize everything to `dtype`; int8 / int4: weight-only quantization at load.
+    quantization: str = "auto"
     seed: int = 0
 
     def __post_init__(self):
@@ -131,6 +136,9 @@ class EngineConfig:
             raise InvalidParameterError("kv_cache_dtype", f"must be one of auto, int8, fp8; got {self.kv_cache_dtype!r}")
         self.kv_torch_dtype = kv_dtypes[self.kv_cache_dtype]
         self.kv_quantized = self.kv_cache_dtype != "auto"
+        if self.quantization not in QUANTIZATION_MODES:
+            raise InvalidParameterError("quantization", f"must be one of {', '.join(QUANTIZATION_MODES)}; "
+                                                        f"got {self.quantization!r}")
         for name, low in (("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
