@@ -21,7 +21,7 @@ from lmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.model_runner import ModelRunner, num_kv_blocks_for
 from lmserve.engine.sampler import Sampler, SamplingRow
-from lmserve.engine.scheduler import Scheduler
+from lmserve.engine.scheduler import ScheduledSequence, Scheduler
 from lmserve.engine.sequence import Request, Sequence, SequenceStatus
 from lmserve.errors import ContextLengthError, InvalidParameterError, ModelLoadError
 from lmserve.loader import Checkpoint
@@ -167,6 +167,41 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    # ---- scoring ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """fp32 logits [len(token_ids), vocab] at every position of one sequence (the logits at
+        position i predict token i + 1), for perplexity and divergence reports.
+
+        The tokens are prefilled as one temporary sequence in chunks of at most
+        max_num_batched_tokens, through the same runner as generation; its KV blocks are freed
+        afterwards and never enter the prefix cache."""
+        _, ids = self._prompt_ids(list(token_ids))
+        if len(ids) > self.max_model_len:
+            raise ContextLengthError("token_ids", f"{len(ids)} tokens exceed the context limit of "
+                                                  f"{self.max_model_len} tokens")
+        request = Request(f"score-{next(self._request_ids)}", None, ids, SamplingParams(max_tokens=1))
+        seq = Sequence(next(self._seq_ids), request, 0, list(ids), len(ids), generator=None)
+        if not self.block_manager.allocate(seq, len(ids)):
+            raise InvalidParameterError(
+                "token_ids", f"{len(ids)} tokens need {self.block_manager.blocks_for(len(ids))} KV blocks but "
+                             f"only {self.block_manager.num_free_blocks} are free")
+        # The runner returns logits of sampling positions only; take the final hidden states of
+        # every position from the model's output instead.
+        hidden: list[torch.Tensor] = []
+        hook = self.model.register_forward_hook(lambda module, args, output: hidden.append(output))
+        try:
+            budget = self.config.max_num_batched_tokens
+            while seq.num_computed_tokens < len(ids):
+                chunk = min(budget, len(ids) - seq.num_computed_tokens)
+                self.runner.execute([ScheduledSequence(seq, chunk)], self.block_manager)
+                seq.num_computed_tokens += chunk
+            return torch.cat([self.model.compute_logits(h) for h in hidden]).float()
+        finally:
+            hook.remove()
+            self.block_manager.free(seq)
 
     # ---- one iteration ------------------------------------------------------------------------
 

@@ -75,6 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--chunk-size", type=int, default=64, help="lines run (and written) together")
     _add_model_args(batch)
 
+    ppl = sub.add_parser(
+        "perplexity", help="perplexity over a text file (llama.cpp's windows), optionally KL against a reference",
+        description="Perplexity over FILE in non-overlapping windows of --ctx tokens, scored as llama.cpp's "
+                    "perplexity tool scores them: the text is tokenized with the model's special tokens, each "
+                    "window starts with BOS where the model adds one, and only the second half of each window "
+                    "is scored (positions ctx/2 .. ctx-2 predicting the next token), so the figures compare "
+                    "with llama-perplexity's on the same text and --ctx. --reference adds the mean KL divergence "
+                    "KL(reference || model) over the scored positions, the top-1 agreement and the reference's "
+                    "own perplexity.")
+    ppl.add_argument("model", help="GGUF file, Hugging Face directory or short name")
+    ppl.add_argument("--text", required=True, help="UTF-8 text file to score")
+    ppl.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    ppl.add_argument("--reference", default=None, help="second model run on the same windows")
+    ppl.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
+    ppl.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+    ppl.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 (float16 on GPU)")
+    ppl.add_argument("--quantization", default="auto", help="auto, none, int8 or int4 (see LLM options)")
+    ppl.add_argument("--device", default="cpu")
+    ppl.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+
     add_bench_parser(sub)
     return parser
 
@@ -189,8 +209,14 @@ def cmd_batch(args) -> None:
     print(f"{ran} line(s) run; results in {args.output}", file=sys.stderr)
 
 
+def cmd_perplexity(args) -> None:
+    from lmserve.entrypoints.perplexity import run_perplexity
+
+    run_perplexity(args)
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "serve": cmd_serve,
-            "batch": cmd_batch, "bench": cmd_bench}
+            "batch": cmd_batch, "bench": cmd_bench, "perplexity": cmd_perplexity}
 
 
 def main(argv: list[str] | None = None) -> int:
