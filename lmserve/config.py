@@ -14,6 +14,7 @@ DEFAULT_MAX_WAITING = 256
 DEFAULT_REQUEST_TIMEOUT = 600.0
 
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
+PREEMPTION_MODES = ("recompute", "swap")
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -47,6 +48,27 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     name: str = ""
+    # Mixture of experts (num_experts == 0: every layer has a dense MLP). A layer is sparse unless
+    # listed in mlp_only_layers, and only every decoder_sparse_step-th layer is (Qwen2-MoE's rule).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    # Per-family details (the defaults are Llama's).
+    hidden_act: str = "silu"  # MLP activation, a key of lmserve.layers.activation.ACTIVATIONS
+    # "sliding_attention" / "full_attention" per layer; None: every layer uses `sliding_window`.
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None  # RoPE base of sliding-window layers (Gemma 3), when it differs
+    rope_local_scaling: dict | None = None
+    query_pre_attn_scalar: float | None = None  # queries scaled by its -1/2 power instead of head_dim's
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
+    # Gemma's RMSNorm multiplies by (offset + weight) in fp32: Hugging Face checkpoints store w
+    # (offset 1), llama.cpp's GGUF stores 1 + w (offset 0). None: Llama's RMSNorm.
+    norm_weight_offset: float | None = None
+    conv1d_weights: bool = False  # projection weights stored [in, out] (GPT-2's Conv1D) and transposed at load
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -57,6 +79,29 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise InvalidParameterError(
                 "num_kv_heads", f"must divide num_heads ({self.num_heads}), got {self.num_kv_heads}")
+        if self.num_experts:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise InvalidParameterError("num_experts", f"must be a positive integer, got {self.num_experts!r}")
+        if not isinstance(self.num_experts_per_tok, int) or not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise InvalidParameterError("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}], "
+                                                               f"got {self.num_experts_per_tok!r}")
+        for name in ("moe_intermediate_size", "decoder_sparse_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise InvalidParameterError(name, f"must be a positive integer, got {value!r}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+    def layer_sliding_window(self, layer: int) -> int | None:
+        """The attention window of decoder layer `layer` (None: full causal attention)."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     def kv_bytes_per_token(self, dtype: torch.dtype, quantized: bool = False) -> int:
         """Bytes of K and V cache one token occupies across all layers; a quantized cache also
@@ -121,6 +166,10 @@ class EngineConfig:
     # none: dequantize everything to `dtype`; int8 / int4: weight-only quantization at load.
     quantization: str = "auto"
     seed: int = 0
+    # When KV blocks run out: "recompute" frees a victim's blocks and prefills it again later;
+    # "swap" copies them to `swap_space` bytes of host memory (a memory-mapped file for a CPU cache).
+    preemption_mode: str = "recompute"
+    swap_space: int | str = "1GiB"
 
     def __post_init__(self):
         try:
@@ -147,3 +196,7 @@ class EngineConfig:
             raise InvalidParameterError("num_kv_blocks", f"must be an integer >= 1, got {self.num_kv_blocks!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise InvalidParameterError("max_model_len", f"must be an integer >= 1, got {self.max_model_len!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise InvalidParameterError("preemption_mode", f"must be one of {', '.join(PREEMPTION_MODES)}; "
+                                                           f"got {self.preemption_mode!r}")
+        self.swap_space_bytes = parse_bytes(self.swap_space, "swap_space")

@@ -35,12 +35,31 @@ TINY_MODELS = ["llama_gqa", "llama_mqa_tied", "mistral_sliding", "qwen2", "qwen3
                "yarn_rope", "linear_rope", "dynamic_rope"]
 
 
+MOE_COMMON = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+
+
+def _moe_configs():
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    return {
+        "mixtral": lambda: MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
+        # layer 1 dense, layer 0 sparse with a shared expert; routing weights not renormalised
+        "qwen2_moe": lambda: Qwen2MoeConfig(**COMMON, **MOE_COMMON, num_experts=4, shared_expert_intermediate_size=96,
+                                            mlp_only_layers=[1], norm_topk_prob=False),
+        "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, **MOE_COMMON, num_experts=4, head_dim=32,
+                                            norm_topk_prob=True),
+    }
+
+
+MOE_TINY_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
 def build_tiny_model(kind: str, directory: Path, dtype=torch.float32):
     """Save a random model of `kind` under `directory`; return the transformers model (eval, fp32)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1234)
-    config = _configs()[kind]()
+    config = {**_configs(), **_moe_configs()}[kind]()
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     model.save_pretrained(directory)
     return model

@@ -3,14 +3,25 @@
 Models fuse some projections (q|k|v, gate|up) into one `MergedLinear`; each model class lists
 those fusions in `packed_modules` and this loader routes a checkpoint tensor such as
 `...q_proj.weight` into the `q` slice of `...qkv_proj.weight`.
+
+Mixture-of-experts blocks keep their experts stacked in one tensor per projection. Their
+checkpoint tensors come per expert (`...experts.3.gate_proj.weight`) or already stacked
+(`...experts.gate_proj.weight` from GGUF, `...experts.gate_up_proj` from transformers v5); the
+first two route to the `experts` module's `load_shard` with the expert index (None: all experts).
+A model may also list `checkpoint_renames` (substring -> replacement) for checkpoints that name
+the same parts differently (Mixtral's `block_sparse_moe.experts.N.w1`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+
+_EXPERT_RE = re.compile(r"^(?P<experts>.+\.experts)\.(?:(?P<index>\d+)\.)?(?P<proj>\w+)\.weight$")
 
 
 class WeightLoadError(Exception):
@@ -21,22 +32,34 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
                  packed_modules: dict[str, tuple[str, str]], ignored_suffixes: tuple[str, ...] = ()) -> None:
     modules = dict(model.named_modules())
     expected = {name for name, _ in model.named_parameters()}
+    renames = getattr(model, "checkpoint_renames", {})
     loaded: set[str] = set()
     for name, tensor in tensors:
         if name.endswith(ignored_suffixes):
             continue
-        module_path, _, param_name = name.rpartition(".")
-        owner_path, _, leaf = module_path.rpartition(".")
-        shard = None
-        if leaf in packed_modules:
-            fused, shard = packed_modules[leaf]
-            module_path = f"{owner_path}.{fused}" if owner_path else fused
+        checkpoint_name = name
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        expert_kwargs = {}
+        expert_match = _EXPERT_RE.match(name)
+        if expert_match:
+            module_path = expert_match["experts"]
+            param_name, shard = packed_modules.get(expert_match["proj"], (expert_match["proj"], None))
+            index = expert_match["index"]
+            expert_kwargs = {"expert": int(index) if index is not None else None}
+        else:
+            module_path, _, param_name = name.rpartition(".")
+            owner_path, _, leaf = module_path.rpartition(".")
+            shard = None
+            if leaf in packed_modules:
+                fused, shard = packed_modules[leaf]
+                module_path = f"{owner_path}.{fused}" if owner_path else fused
         module = modules.get(module_path)
         if module is None or not hasattr(module, param_name) or getattr(module, param_name) is None:
-            raise WeightLoadError(f"unexpected tensor {name!r} for this architecture")
+            raise WeightLoadError(f"unexpected tensor {checkpoint_name!r} for this architecture")
         try:
             if hasattr(module, "load_shard"):
-                module.load_shard(param_name, tensor, shard)
+                module.load_shard(param_name, tensor, shard, **expert_kwargs)
             else:
                 target = getattr(module, param_name).data
                 if tuple(target.shape) != tuple(tensor.shape):
@@ -44,7 +67,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
                                      f"model expects {tuple(target.shape)}")
                 target.copy_(tensor)
         except ValueError as exc:
-            raise WeightLoadError(f"tensor {name!r}: {exc}") from None
+            raise WeightLoadError(f"tensor {checkpoint_name!r}: {exc}") from None
         loaded.add(f"{module_path}.{param_name}")
     missing = sorted(expected - loaded)
     if missing:
