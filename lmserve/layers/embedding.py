@@ -1,4 +1,4 @@
-"""Token embedding and the LM head that may share its weight."""
+"""Token and learned position embeddings, and the LM head that may share the token table."""
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,15 @@ class VocabEmbedding(nn.Module):
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.weight)
+
+
+class LearnedPositionEmbedding(VocabEmbedding):
+    """Absolute position embeddings (GPT-2): one learned row per position below `num_positions`,
+    looked up by position instead of token id. The engine's context limit (max_model_len never
+    exceeds the model's max_position_embeddings) keeps positions inside the table."""
+
+    def __init__(self, num_positions: int, dim: int):
+        super().__init__(num_positions, dim)
 
 
 class LMHead(nn.Module):

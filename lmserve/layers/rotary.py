@@ -14,7 +14,7 @@ from torch import nn
 
 from lmserve.errors import InvalidParameterError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 def _base_inv_freq(dim: int, theta: float) -> torch.Tensor:
@@ -64,6 +64,26 @@ def _yarn_inv_freq(dim: int, theta: float, s: dict, max_position: int) -> tuple[
     return inv_freq, float(attention_factor)
 
 
+def _longrope_inv_freq(dim: int, theta: float, s: dict, max_position: int,
+                       max_model_len: int) -> tuple[torch.Tensor, float]:
+    """Phi-3's LongRoPE: per-frequency divisors, `long_factor` when the context can exceed the
+    pre-training length, `short_factor` otherwise. transformers decides per forward call by the
+    sequence length; an engine fixes the context up front, so (as llama.cpp does with its context
+    size) the choice is made once for max_model_len, which agrees with transformers on any
+    sequence that reaches that length."""
+    original = s["original_max_position_embeddings"]
+    factor = s.get("factor") or max_position / original
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    ext_factors = s["long_factor"] if max_model_len > original else s["short_factor"]
+    if len(ext_factors) != dim // 2:
+        raise InvalidParameterError("rope_scaling", f"longrope factors need {dim // 2} entries (rotary dim / 2), "
+                                                    f"got {len(ext_factors)}")
+    ext = torch.tensor(ext_factors, dtype=torch.float32)
+    return 1.0 / (ext * theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), float(attention_factor)
+
+
 def compute_inv_freq(dim: int, theta: float, scaling: dict | None, max_position: int,
                      max_model_len: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and the cos/sin multiplier for one RoPE configuration."""
@@ -85,6 +105,8 @@ def compute_inv_freq(dim: int, theta: float, scaling: dict | None, max_position:
         return _llama3_inv_freq(_base_inv_freq(dim, theta), s), 1.0
     if rope_type == "yarn":
         return _yarn_inv_freq(dim, theta, s, max_position)
+    if rope_type == "longrope":
+        return _longrope_inv_freq(dim, theta, s, max_position, max_model_len)
     raise InvalidParameterError("rope_scaling", f"unsupported rope_type {rope_type!r} "
                                 f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
 
