@@ -35,6 +35,36 @@ TINY_MODELS = ["llama_gqa", "llama_mqa_tied", "mistral_sliding", "qwen2", "qwen3
                "yarn_rope", "linear_rope", "dynamic_rope"]
 
 
+# Families beyond Llama; their norm weights are randomised too (transformers initialises them to
+# the identity, which would hide a wrong norm form).
+_LONGROPE_HALF_DIM = 8  # head_dim 16 / 2
+
+
+def _family_configs():
+    from transformers import GPT2Config, Phi3Config
+    from transformers.models.gemma3 import Gemma3TextConfig
+
+    return {
+        # window 7 < prompt; layer 1 global; local/global RoPE bases and global linear scaling differ
+        "gemma3": lambda: Gemma3TextConfig(
+            **{**COMMON, "num_hidden_layers": 3}, head_dim=16, sliding_window=7, query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=3.0,
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+        "gpt2": lambda: GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                   activation_function="gelu_new", initializer_range=0.08,
+                                   bos_token_id=None, eos_token_id=None),
+        # prompt + 32 generated tokens cross original_max_position_embeddings (32)
+        "phi3_longrope": lambda: Phi3Config(
+            **COMMON, original_max_position_embeddings=32, rope_scaling={
+                "rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(_LONGROPE_HALF_DIM)],
+                "long_factor": [1.0 + 0.7 * i for i in range(_LONGROPE_HALF_DIM)]}),
+    }
+
+
+FAMILY_TINY_MODELS = ["gemma3", "gpt2", "phi3_longrope"]
+
+
 MOE_COMMON = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 
 
@@ -59,7 +89,12 @@ def build_tiny_model(kind: str, directory: Path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1234)
-    config = {**_configs(), **_moe_configs()}[kind]()
+    config = {**_configs(), **_moe_configs(), **_family_configs()}[kind]()
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    if kind in FAMILY_TINY_MODELS:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.dim() == 1:
+                    param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(directory)
     return model
