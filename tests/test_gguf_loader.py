@@ -26,9 +26,35 @@ def _gguf_name(hf_name: str, n_layers: int) -> str:
     candidates = ["token_embd.weight", "output_norm.weight", "output.weight"]
     for i in range(n_layers):
         for kind in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm",
-                     "attn_k_norm", "ffn_gate", "ffn_up", "ffn_down"):
+                     "attn_k_norm", "ffn_gate", "ffn_up", "ffn_down", "ffn_gate_inp", "ffn_gate_exps",
+                     "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
+                     "ffn_gate_inp_shexp"):
             candidates += [f"blk.{i}.{kind}.weight", f"blk.{i}.{kind}.bias"]
     return next(c for c in candidates if hf_tensor_name(c) == hf_name)
+
+
+def _converter_tensors(hf_name: str, stored: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """(HF name, array) pairs as llama.cpp's converter sees them: transformers keeps experts'
+    gate and up projections fused in one [E, 2*I, H] tensor, GGUF stores them stacked apart."""
+    if hf_name.endswith("experts.gate_up_proj"):
+        gate, up = np.split(stored, 2, axis=1)
+        prefix = hf_name.removesuffix("gate_up_proj")
+        return [(f"{prefix}gate_proj.weight", gate), (f"{prefix}up_proj.weight", up)]
+    if hf_name.endswith("experts.down_proj"):
+        return [(f"{hf_name}.weight", stored)]
+    return [(hf_name, stored)]
+
+
+def _add_moe_metadata(writer: gguf.GGUFWriter, cfg) -> None:
+    num_experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if not num_experts:
+        return
+    writer.add_expert_count(num_experts)
+    writer.add_expert_used_count(cfg.num_experts_per_tok)
+    if getattr(cfg, "moe_intermediate_size", None):
+        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if getattr(cfg, "shared_expert_intermediate_size", None):
+        writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
 
 
 def write_gguf(hf_model, path, arch: str, linear_type):
@@ -53,12 +79,13 @@ def write_gguf(hf_model, path, arch: str, linear_type):
     writer.add_token_list(tokens)
     writer.add_token_types([1] * cfg.vocab_size)
     writer.add_token_merges(["\u0100 \u0101"])
+    _add_moe_metadata(writer, cfg)
     state = hf_model.state_dict()
     for name, tensor in state.items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
         w = tensor.float().numpy()
-        projection = w.ndim == 2 and "embed" not in name and "lm_head" not in name
+        projection = w.ndim >= 2 and "embed" not in name and "lm_head" not in name
         qtype = linear_type if projection else Q.F32
         stored = quantize(w, qtype) if qtype != Q.F32 else w
         exact = dequantize(stored, qtype).reshape(w.shape) if qtype != Q.F32 else w
@@ -67,8 +94,9 @@ def write_gguf(hf_model, path, arch: str, linear_type):
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
             stored = _permute_for_llama_cpp(stored, heads)
-        writer.add_tensor(_gguf_name(name, cfg.num_hidden_layers), stored,
-                          raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
+        for hf_name, part in _converter_tensors(name, stored):
+            writer.add_tensor(_gguf_name(hf_name, cfg.num_hidden_layers), part,
+                              raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

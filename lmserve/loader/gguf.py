@@ -15,7 +15,9 @@ from lmserve.errors import InvalidParameterError, ModelLoadError
 from lmserve.loader.checkpoint import Checkpoint
 
 # GGUF `general.architecture` -> lmserve family key
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+# (llama.cpp stores Mixtral as "llama" with expert tensors; _config_from_metadata tells them apart)
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                      "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 
 # Tensor types the gguf package can dequantize and we accept.
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
@@ -27,8 +29,18 @@ _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    # mixture of experts: router, experts stacked [E, ...], shared expert and its gate
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# Mixtral files written before llama.cpp stacked the experts: blk.N.ffn_gate.E.weight
+_PER_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
+# Whether the top-k routing weights are renormalised, where the file does not say
+# (`expert_weights_norm`): what llama.cpp's graph for each architecture does.
+_DEFAULT_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
@@ -38,6 +50,10 @@ def hf_tensor_name(gguf_name: str) -> str | None:
         layer, kind, suffix = match.groups()
         mapped = _LAYER_NAMES.get(kind)
         return f"model.layers.{layer}.{mapped}.{suffix}" if mapped else None
+    match = _PER_EXPERT_RE.match(gguf_name)
+    if match:
+        layer, proj, expert = match.groups()
+        return f"model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight"
     base, _, suffix = gguf_name.rpartition(".")
     mapped = _GLOBAL_NAMES.get(base)
     return f"{mapped}.{suffix}" if mapped else None
@@ -49,6 +65,20 @@ def _unpermute_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
     rows = weight.shape[0]
     grouped = weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
     return grouped.swapaxes(1, 2).reshape(weight.shape)
+
+
+def _moe_settings(key, arch: str, num_layers: int, tensor_names: set[str]) -> dict:
+    """ModelConfig's mixture-of-experts fields; a layer without a router has a dense MLP."""
+    if not key("expert_count"):
+        return {}
+    return dict(
+        num_experts=key("expert_count"),
+        num_experts_per_tok=key("expert_used_count", required=True),
+        moe_intermediate_size=key("expert_feed_forward_length") or key("feed_forward_length", required=True),
+        shared_expert_intermediate_size=key("expert_shared_feed_forward_length", 0),
+        norm_topk_prob=bool(key("expert_weights_norm", _DEFAULT_NORM_TOPK.get(arch, False))),
+        mlp_only_layers=[i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names],
+    )
 
 
 def _config_from_metadata(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
@@ -74,12 +104,17 @@ def _config_from_metadata(meta: dict, tensor_names: set[str], path: str) -> Mode
         if key("rope.scaling.original_context_length"):
             scaling["original_max_position_embeddings"] = key("rope.scaling.original_context_length")
     eos = meta.get("tokenizer.ggml.eos_token_id")
+    num_layers = key("block_count", required=True)
+    moe = _moe_settings(key, arch, num_layers, tensor_names)
+    family = GGUF_ARCHITECTURES[arch]
+    if family == "llama" and moe:
+        family = "mixtral"
     return ModelConfig(
-        architecture=GGUF_ARCHITECTURES[arch],
+        architecture=family,
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=key("feed_forward_length", required=True),
-        num_layers=key("block_count", required=True),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv,
         head_dim=head_dim,
@@ -95,6 +130,7 @@ def _config_from_metadata(meta: dict, tensor_names: set[str], path: str) -> Mode
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=[eos] if eos is not None else [],
         name=meta.get("general.name", ""),
+        **moe,
     )
 
 
