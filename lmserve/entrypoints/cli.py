@@ -95,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--device", default="cpu")
     ppl.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
 
+    quant = sub.add_parser(
+        "quantize", help="write a GGUF file with the weight matrices quantized (q4_k, q8_0, q4_0, q4_1, q5_0)",
+        description="Read IN (a GGUF file, or a Hugging Face directory with a byte-level BPE tokenizer) and write "
+                    "OUT with every weight matrix in --type and 1-D tensors (norms, biases) in F32; rows that do "
+                    "not divide into the type's blocks fall back as in llama.cpp (Q4_K to Q5_0), else to F16 "
+                    "(logged with -v).")
+    quant.add_argument("input", help="GGUF file or Hugging Face model directory")
+    quant.add_argument("output", help="GGUF file to write")
+    quant.add_argument("--type", required=True, help="q4_k, q8_0, q4_0, q4_1 or q5_0")
+
     add_bench_parser(sub)
     return parser
 
@@ -215,8 +225,16 @@ def cmd_perplexity(args) -> None:
     run_perplexity(args)
 
 
+def cmd_quantize(args) -> None:
+    from lmserve.quant_writer import quantize_model
+
+    counts = quantize_model(args.input, args.output, args.type)
+    print(f"wrote {args.output}: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) + " tensors",
+          file=sys.stderr)
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "serve": cmd_serve,
-            "batch": cmd_batch, "bench": cmd_bench, "perplexity": cmd_perplexity}
+            "batch": cmd_batch, "bench": cmd_bench, "perplexity": cmd_perplexity, "quantize": cmd_quantize}
 
 
 def main(argv: list[str] | None = None) -> int:
