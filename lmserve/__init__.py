@@ -2,8 +2,8 @@
 paged KV cache, continuous batching)."""
 
 from lmserve.entrypoints.llm import LLM
-from lmserve.outputs import CompletionOutput, RequestOutput
-from lmserve.sampling_params import SamplingParams
+from lmserve.outputs import BeamSearchOutput, CompletionOutput, RequestOutput
+from lmserve.sampling_params import BeamSearchParams, SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "BeamSearchOutput"]
 __version__ = "0.1.0"

@@ -49,3 +49,21 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+
+
+@dataclass
+class BeamSequence:
+    """One finished beam-search hypothesis."""
+
+    token_ids: list[int]  # generated tokens (the prompt excluded), EOS included when it ended the beam
+    text: str
+    cum_logprob: float
+    score: float  # cum_logprob / len(token_ids) ** length_penalty: what the hypotheses are ranked by
+    finish_reason: str  # "stop" (ended with EOS) or "length"
+
+
+@dataclass
+class BeamSearchOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[BeamSequence]  # best first

@@ -89,6 +89,7 @@ class SamplingParams:
     """
 
     n: int = 1
+    best_of: int | None = None  # sample this many (>= n) and return the n with the best cumulative logprob
     max_tokens: int | None = 16
     min_tokens: int = 0
     temperature: float = 1.0
@@ -121,6 +122,9 @@ class SamplingParams:
     def _validate_lengths(self) -> None:
         self.n = _integer("n", self.n, ">= 1")
         _check("n", self.n >= 1, ">= 1", self.n)
+        if self.best_of is not None:
+            self.best_of = _integer("best_of", self.best_of, f">= n ({self.n})")
+            _check("best_of", self.best_of >= self.n, f">= n ({self.n}) (or None)", self.best_of)
         if self.max_tokens is not None:
             self.max_tokens = _integer("max_tokens", self.max_tokens, ">= 1 (or None)")
             _check("max_tokens", self.max_tokens >= 1, ">= 1 (or None for the context limit)", self.max_tokens)
@@ -159,6 +163,43 @@ class SamplingParams:
             setattr(self, field, value)
 
     @property
+    def num_samples(self) -> int:
+        """Sequences generated for the request: best_of, or n."""
+        return self.best_of or self.n
+
+    @property
     def greedy(self) -> bool:
         """Whether the request always takes the most likely token (temperature effectively 0)."""
         return self.temperature < GREEDY_TEMPERATURE
+
+
+@dataclass
+class BeamSearchParams:
+    """Beam search with transformers' `generate(num_beams=beam_width, do_sample=False)` rules.
+
+    A finished hypothesis scores cum_logprob / (generated tokens ** length_penalty).
+    early_stopping: True stops once beam_width hypotheses are finished; False stops when the best
+    running beam, scored at its current length, cannot beat the worst finished one; "never"
+    scores it at max_tokens when length_penalty > 0. temperature > 0 divides the logits before
+    the log-softmax; 0 uses the model's log-probabilities as they are.
+    """
+
+    beam_width: int
+    max_tokens: int = 16
+    length_penalty: float = 1.0
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    early_stopping: bool | str = False
+
+    def __post_init__(self) -> None:
+        self.beam_width = _integer("beam_width", self.beam_width, ">= 1")
+        _check("beam_width", self.beam_width >= 1, ">= 1", self.beam_width)
+        self.max_tokens = _integer("max_tokens", self.max_tokens, ">= 1")
+        _check("max_tokens", self.max_tokens >= 1, ">= 1", self.max_tokens)
+        self.length_penalty = _number("length_penalty", self.length_penalty, "(finite)")
+        _check("length_penalty", math.isfinite(self.length_penalty), "a finite number", self.length_penalty)
+        self.ignore_eos = _flag("ignore_eos", self.ignore_eos)
+        self.temperature = _number("temperature", self.temperature, ">= 0")
+        _check("temperature", 0 <= self.temperature < math.inf, "a finite number >= 0", self.temperature)
+        _check("early_stopping", isinstance(self.early_stopping, bool) or self.early_stopping == "never",
+               'true, false or "never"', self.early_stopping)

@@ -16,8 +16,9 @@ from contextlib import contextmanager
 
 import torch
 
-from lmserve.config import EngineConfig
+from lmserve.config import EngineConfig, ModelConfig
 from lmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from lmserve.engine.beam_search import BeamSearch
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.model_runner import ModelRunner, num_kv_blocks_for
 from lmserve.engine.sampler import Sampler, SamplingRow
@@ -28,7 +29,7 @@ from lmserve.loader import Checkpoint
 from lmserve.models import MODEL_REGISTRY
 from lmserve.models.weights import WeightLoadError, load_weights
 from lmserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from lmserve.sampling_params import SamplingParams
+from lmserve.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("lmserve")
 
@@ -58,6 +59,22 @@ def build_model(checkpoint: Checkpoint, engine_config: EngineConfig, max_model_l
     return model.eval()
 
 
+def common_sliding_window(model: torch.nn.Module) -> int | None:
+    """The attention window shared by every layer, or None when any layer attends globally
+    (then no block may ever be released early)."""
+    windows = {layer.sliding_window for layer in model.attention_layers()}
+    return windows.pop() if len(windows) == 1 else None
+
+
+def num_swap_blocks_for(model_config: ModelConfig, engine_config: EngineConfig) -> int:
+    """Blocks of the swap tier (0 unless preemption_mode is "swap")."""
+    if engine_config.preemption_mode != "swap":
+        return 0
+    per_block = model_config.kv_bytes_per_token(engine_config.kv_torch_dtype,
+                                                engine_config.kv_quantized) * engine_config.block_size
+    return engine_config.swap_space_bytes // per_block
+
+
 class LLMEngine:
     def __init__(self, checkpoint: Checkpoint, engine_config: EngineConfig):
         self.checkpoint = checkpoint
@@ -76,11 +93,15 @@ class LLMEngine:
         logger.info("loaded %s (%s) in %.1f s", checkpoint.path, self.model_config.architecture,
                     time.perf_counter() - start)
         salt = f"{checkpoint.path}|{engine_config.torch_dtype}|{engine_config.kv_cache_dtype}"  # what changes K/V
+        num_swap_blocks = num_swap_blocks_for(self.model_config, engine_config)
         self.block_manager = BlockManager(num_blocks, engine_config.block_size,
-                                          engine_config.enable_prefix_caching, salt)
+                                          engine_config.enable_prefix_caching, salt, num_swap_blocks,
+                                          common_sliding_window(self.model))
         self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
-                                   engine_config.max_num_batched_tokens)
+                                   engine_config.max_num_batched_tokens, engine_config.preemption_mode)
         self.runner = ModelRunner(self.model, self.model_config, engine_config, num_blocks)
+        if num_swap_blocks:
+            self.runner.allocate_swap_space(num_swap_blocks)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -112,10 +133,20 @@ class LLMEngine:
             raise InvalidParameterError("prompt", "must not be empty")
         return text, ids
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+    def add_request(self, prompt: str | list[int], params: SamplingParams | BeamSearchParams | None = None,
                     request_id: str | None = None) -> str:
+        """Queue a prompt; with `BeamSearchParams` it is decoded by beam search, and its output
+        (reported once, when finished) holds the best hypotheses, best first."""
+        beam_params = params if isinstance(params, BeamSearchParams) else None
+        if beam_params is not None:
+            params = SamplingParams(max_tokens=beam_params.max_tokens, temperature=0,
+                                    ignore_eos=beam_params.ignore_eos)
         params = params or SamplingParams()
         self._check_token_ids(params)
+        width = beam_params.beam_width if beam_params is not None else params.num_samples
+        if width > self.config.max_num_seqs:
+            raise InvalidParameterError("best_of" if beam_params is None else "beam_width",
+                                        f"{width} sequences exceed max_num_seqs ({self.config.max_num_seqs})")
         text, ids = self._prompt_ids(prompt)
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]
@@ -130,18 +161,25 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._request_ids))
         if request_id in self.requests:
             raise InvalidParameterError("request_id", f"{request_id!r} is already in use")
-        request = Request(request_id, text, ids, params)
-        for index in range(params.n):
-            seq = Sequence(next(self._seq_ids), request, index, list(ids), len(ids),
-                           generator=None if params.greedy else self._generator(params.seed, index))
-            if self.tokenizer is not None:
-                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-            if params.stop:
-                seq.stop_matcher = StopStringMatcher(params.stop)
-            request.seqs.append(seq)
-            self.scheduler.add(seq)
+        request = Request(request_id, text, ids, params, width=width)
+        if beam_params is not None:
+            request.beam = BeamSearch(beam_params, self.stop_token_ids, max_tokens)
+        # One sequence computes the prompt; the other samples or beams fork from it (step()).
+        self.scheduler.add(self._new_sequence(request, list(ids)))
         self.requests[request_id] = request
         return request_id
+
+    def _new_sequence(self, request: Request, token_ids: list[int]) -> Sequence:
+        params, index = request.params, len(request.seqs)
+        seq = Sequence(next(self._seq_ids), request, index, token_ids, len(request.prompt_token_ids),
+                       generator=None if params.greedy else self._generator(params.seed, index))
+        if self.tokenizer is not None and request.beam is None:  # beams are decoded once, at the end
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                                     params.skip_special_tokens)
+        if params.stop:
+            seq.stop_matcher = StopStringMatcher(params.stop)
+        request.seqs.append(seq)
+        return seq
 
     def _check_token_ids(self, params: SamplingParams) -> None:
         vocab = self.model_config.vocab_size
@@ -207,6 +245,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
+        for method, pairs in self.block_manager.take_block_ops():  # copy-on-write and swaps, in order
+            getattr(self.runner, method)(pairs)
         if not scheduled:
             return []
         logits = self.runner.execute(scheduled, self.block_manager)
@@ -214,12 +254,21 @@ class LLMEngine:
             r.seq.num_computed_tokens += r.num_tokens
             self.block_manager.register_full_blocks(r.seq)
         sampling = [r.seq for r in scheduled if r.seq.num_computed_tokens == r.seq.num_tokens]
+        now = time.perf_counter()
+        touched: dict[str, Request] = {}
+        beam_rows = [i for i, s in enumerate(sampling) if s.request.beam is not None]
+        if beam_rows:
+            for request in self._record_beam_logprobs(logits[beam_rows], [sampling[i] for i in beam_rows]):
+                touched[request.request_id] = request
+            keep = [i for i, s in enumerate(sampling) if s.request.beam is None]
+            logits, sampling = logits[keep], [sampling[i] for i in keep]
+        rows_of_samples = self._fork_samples(sampling)
+        if len(rows_of_samples) != logits.shape[0]:
+            logits = logits[rows_of_samples]
         rows = [SamplingRow(s.params, s.generator, s.request.prompt_token_ids, s.output_token_ids)
                 for s in sampling]
         result = self.sampler(logits, rows, [self.stop_token_ids | set(s.params.stop_token_ids or ())
                                              for s in sampling])
-        now = time.perf_counter()
-        touched: dict[str, Request] = {}
         for i, seq in enumerate(sampling):
             self._append_token(seq, result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
             if seq.request.first_token_time is None:
@@ -230,8 +279,73 @@ class LLMEngine:
             if request.is_finished:
                 request.finished_time = now
                 self.requests.pop(request.request_id, None)
+            elif request.beam is not None or request.width > request.params.n:
+                continue  # beams and best_of are ranked only once finished
             outputs.append(self._make_output(request))
         return outputs
+
+    def _fork_samples(self, sampling: list[Sequence]) -> list[int]:
+        """Fork the first sequence of every n / best_of request that just computed its prompt
+        into the request's other samples (appended to `sampling`, sharing its KV blocks and its
+        logits row). Returns the logits row of each entry of `sampling`."""
+        rows = list(range(len(sampling)))
+        for row, seq in enumerate(list(sampling)):
+            request = seq.request
+            for _ in range(request.pending_forks):
+                child = self._new_sequence(request, list(seq.token_ids))
+                self.scheduler.fork(seq, child)
+                sampling.append(child)
+                rows.append(row)
+            request.forked = True
+        return rows
+
+    def _record_beam_logprobs(self, logits: torch.Tensor, beams: list[Sequence]) -> list[Request]:
+        """Keep each beam's next-token log-probs; run the beam step of every request whose live
+        beams all have theirs. Returns the requests that finished."""
+        finished = []
+        for row, seq in enumerate(beams):
+            temperature = seq.request.beam.params.temperature
+            scaled = logits[row] / temperature if temperature > 0 else logits[row]
+            seq.beam_logprobs = torch.log_softmax(scaled.float(), dim=-1)
+            request = seq.request
+            if request.first_token_time is None:
+                request.first_token_time = time.perf_counter()
+            if all(b.beam_logprobs is not None for b in request.seqs):
+                self._beam_step(request)
+                if request.is_finished:
+                    finished.append(request)
+        return finished
+
+    def _beam_step(self, request: Request) -> None:
+        beams = request.seqs
+        continuations = request.beam.step([b.cumulative_logprob for b in beams],
+                                          [b.output_token_ids for b in beams],
+                                          torch.stack([b.beam_logprobs for b in beams]))
+        for b in beams:
+            b.beam_logprobs = None
+        extended = {c.beam for c in continuations}
+        for i, b in enumerate(beams):
+            if i not in extended:
+                self._finish(b, "length")  # dropped beam: frees its blocks (shared ones stay)
+        request.seqs, request.forked = [], True
+        placed: set[int] = set()
+        continued = []
+        for c in continuations:  # fork before any token is appended to the parent
+            parent = beams[c.beam]
+            if c.beam in placed:
+                child = self._new_sequence(request, list(parent.token_ids))
+                self.scheduler.fork(parent, child)
+            else:
+                placed.add(c.beam)
+                child = parent
+                child.index = len(request.seqs)
+                request.seqs.append(child)
+            continued.append((child, c))
+        for child, c in continued:
+            child.token_ids.append(c.token)
+            child.cumulative_logprob = c.cum_logprob
+        if request.beam.done:
+            request.seqs = beams
 
     def _append_token(self, seq: Sequence, token: int, logprob: float,
                       top: list[tuple[int, float]] | None) -> None:
@@ -277,8 +391,15 @@ class LLMEngine:
         self.scheduler.remove(seq)
 
     def _make_output(self, request: Request) -> RequestOutput:
+        if request.beam is not None:
+            return self._make_beam_output(request)
+        seqs = request.seqs
+        if request.width > request.params.n and request.is_finished:  # best_of: the n most likely
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: request.params.n]
+            for index, seq in enumerate(seqs):
+                seq.index = index
         completions = []
-        for seq in request.seqs:
+        for seq in seqs:
             out_ids = seq.output_token_ids
             completions.append(CompletionOutput(
                 index=seq.index, text=seq.text, token_ids=list(out_ids), finish_reason=seq.finish_reason,
@@ -289,6 +410,23 @@ class LLMEngine:
             seq.num_emitted_tokens = len(out_ids)
         metrics = RequestMetrics(request.arrival_time, request.first_token_time, request.finished_time,
                                  len(request.prompt_token_ids), max(len(s.output_token_ids) for s in request.seqs))
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
+                             request.is_finished, metrics)
+
+    def _make_beam_output(self, request: Request) -> RequestOutput:
+        """The finished hypotheses, best first, as completions (`cumulative_logprob` is the
+        hypothesis' log-probability; they are ranked by their length-penalised score)."""
+        completions = []
+        for index, hyp in enumerate(request.beam.finished):
+            text = self.tokenizer.decode(hyp.token_ids) if self.tokenizer is not None else ""
+            ends_with_eos = hyp.token_ids[-1] in request.beam.eos_token_ids
+            completions.append(CompletionOutput(
+                index=index, text=text, token_ids=list(hyp.token_ids), finish_reason="stop" if ends_with_eos
+                else "length", cumulative_logprob=hyp.cum_logprob, delta_text=text,
+                delta_token_ids=list(hyp.token_ids)))
+        metrics = RequestMetrics(request.arrival_time, request.first_token_time, request.finished_time,
+                                 len(request.prompt_token_ids), max((len(c.token_ids) for c in completions),
+                                                                    default=0))
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
                              request.is_finished, metrics)
 

@@ -103,3 +103,63 @@ class ModelRunner:
         meta = AttentionMetadata(torch.tensor(slots, device=dev), groups, len(input_ids))
         hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta)
         return self.model.compute_logits(hidden[torch.tensor(sample_index, dtype=torch.long, device=dev)])
+
+    # ---- block copies and the swap tier (queued by the block manager, run before a forward) ----
+
+    def _block_slots(self, blocks: list[int]) -> torch.Tensor:
+        """Cache slot indices of the given blocks, block after block."""
+        offsets = torch.arange(self.block_size)
+        return (torch.tensor(blocks, dtype=torch.long)[:, None] * self.block_size + offsets).flatten()
+
+    def _kv_tensors(self) -> list[torch.Tensor]:
+        """Every per-slot cache tensor (K/V and, quantized, their scales) as a byte view [2, slots, bytes]."""
+        tensors = [t for t in self.kv_caches + self.kv_scales if t is not None]
+        return [t.view(torch.uint8).reshape(2, t.shape[1], -1) for t in tensors]
+
+    @torch.inference_mode()
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole cache blocks (src, dst) in every layer: copy-on-write of forked sequences.
+        All sources are read before any destination is written."""
+        src = self._block_slots([s for s, _ in pairs]).to(self.device)
+        dst = self._block_slots([d for _, d in pairs]).to(self.device)
+        for cache in self._kv_tensors():
+            cache[:, dst] = cache[:, src]
+
+    def allocate_swap_space(self, num_blocks: int) -> None:
+        """Create the swap tier: `num_blocks` blocks of every layer's cache in pinned host memory
+        when the cache is on a GPU, in a memory-mapped temporary file when it is on the CPU."""
+        import os
+        import tempfile
+
+        layouts = [(t.shape[2], t.dtype) for t in self._kv_tensors()]
+        sizes = [2 * num_blocks * self.block_size * width for width, _ in layouts]
+        if self.device.type == "cpu":
+            fd, path = tempfile.mkstemp(prefix="lmserve-swap-")
+            try:
+                os.ftruncate(fd, sum(sizes))  # sparse: disk pages are used only once written
+                flat = torch.from_file(path, shared=True, size=sum(sizes), dtype=torch.uint8)
+            finally:
+                os.close(fd)
+                os.unlink(path)  # the mapping outlives the name; the space is freed at exit
+        else:
+            flat = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
+        self.swap_tensors = [part.view(2, num_blocks * self.block_size, width)
+                             for part, (width, _) in zip(flat.split(sizes), layouts)]
+        logger.info("swap space: %d blocks, %.1f MiB (%s)", num_blocks, sum(sizes) / 2**20,
+                    "memory-mapped file" if self.device.type == "cpu" else "pinned host memory")
+
+    @torch.inference_mode()
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy device blocks to swap blocks, pairs of (device block, swap block)."""
+        dev = self._block_slots([d for d, _ in pairs]).to(self.device)
+        swap = self._block_slots([s for _, s in pairs])
+        for cache, stored in zip(self._kv_tensors(), self.swap_tensors):
+            stored[:, swap] = cache[:, dev].cpu()
+
+    @torch.inference_mode()
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy swap blocks back to device blocks, pairs of (swap block, device block)."""
+        swap = self._block_slots([s for s, _ in pairs])
+        dev = self._block_slots([d for _, d in pairs]).to(self.device)
+        for cache, stored in zip(self._kv_tensors(), self.swap_tensors):
+            cache[:, dev] = stored[:, swap].to(self.device)

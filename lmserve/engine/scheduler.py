@@ -5,10 +5,16 @@ running sequences first (one decode token, or the next chunk of a prompt), then 
 arrival order while the token budget (`max_num_batched_tokens`), the sequence budget
 (`max_num_seqs`) and the free KV blocks allow. A long prompt is split into chunks that fit the
 budget, so it shares steps with other sequences' decode tokens. A sequence admitted from the
-queue first adopts whatever prefix of it the block manager has cached (the n samples of one
-request share their prompt's blocks this way). When a running sequence needs a
-block and none is free, the newest running sequence is preempted: its blocks are freed and it
-goes back to the front of the queue, to be recomputed from its tokens later.
+queue first adopts whatever prefix of it the block manager has cached. A request that will fork
+(n / best_of samples, beams) is admitted only if all its sequences fit `max_num_seqs`.
+
+When a running sequence needs a block and none is free, the newest running sequence is
+preempted and goes back to the front of the queue. Under `preemption_mode="recompute"` its
+blocks are freed and it is recomputed from its tokens later; under "swap" its blocks are copied
+to the swap tier and copied back when it is readmitted (recompute when the swap tier is full).
+
+A running sequence with nothing left to compute (a beam whose next-token log-probs wait for its
+siblings) is skipped; if nothing else can run, it is preempted so the queue can move.
 """
 
 from __future__ import annotations
@@ -32,13 +38,16 @@ class ScheduledSequence:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 preemption_mode: str = "recompute"):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.preemption_mode = preemption_mode
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_swap_outs = 0  # preemptions that went to the swap tier rather than recompute
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -54,24 +63,58 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
 
-    def _waits_for_sibling(self, seq: Sequence) -> bool:
-        """With prefix caching, the n samples of one request share the prompt's blocks: samples
-        after the first start only once the first has computed its prompt, then adopt its cached
-        blocks and recompute at most the last, partial one."""
-        if not self.block_manager.enable_prefix_caching or seq.index == 0 or seq.num_output_tokens:
-            return False
-        first = seq.request.seqs[0]
-        return not first.is_finished and first.num_output_tokens == 0
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Queue `child` as a copy of `parent` sharing its KV blocks; a parent that is not running
+        (preempted) passes on only its tokens, and the child is computed from scratch."""
+        if parent.status == SequenceStatus.RUNNING:
+            self.block_manager.fork(parent, child)
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+        else:
+            child.status = SequenceStatus.WAITING
+            self.waiting.append(child)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.block_manager.free(seq)
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
+        if self.preemption_mode == "swap" and self.block_manager.can_swap_out(seq):
+            self.block_manager.swap_out(seq)
+            seq.status = SequenceStatus.SWAPPED
+            self.num_swap_outs += 1
+        else:
+            self.block_manager.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """Give a waiting sequence its blocks; the number of tokens it computes this step, or None
+        if the pool is short."""
+        bm = self.block_manager
+        if seq.status == SequenceStatus.SWAPPED:
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if bm.blocks_to_swap_in(seq, seq.num_computed_tokens + n) > bm.num_free_blocks:
+                return None
+            bm.swap_in(seq)
+            bm.allocate(seq, seq.num_computed_tokens + n)
+            return n
+        bm.reuse_cached_prefix(seq)
+        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        if not bm.allocate(seq, seq.num_computed_tokens + n):
+            bm.free(seq)
+            seq.num_computed_tokens = 0
+            return None
+        bm.record_admission(seq.num_tokens, seq.num_computed_tokens)
+        return n
+
     def schedule(self) -> list[ScheduledSequence]:
+        scheduled = self._schedule()
+        while not scheduled and self.waiting and self.running:
+            self._preempt(self.running[-1])  # only stalled sequences run: make room for the queue
+            scheduled = self._schedule()
+        return scheduled
+
+    def _schedule(self) -> list[ScheduledSequence]:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         preempted = False
@@ -79,6 +122,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 0:  # waits for its beam siblings
+                i += 1
+                continue
             while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -93,22 +139,17 @@ class Scheduler:
         # After a preemption the pool is known to be short: admit nobody new this step.
         admitted = []
         for seq in list(self.waiting) if not preempted else []:
-            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+            if budget <= 0 or len(self.running) + 1 + seq.request.pending_forks > self.max_num_seqs:
                 break
-            if self._waits_for_sibling(seq):
-                continue
-            self.block_manager.reuse_cached_prefix(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
-                self.block_manager.free(seq)
-                seq.num_computed_tokens = 0
+            n = self._admit(seq, budget)
+            if n is None:
                 break
-            self.block_manager.record_admission(seq.num_tokens, seq.num_computed_tokens)
             admitted.append(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSequence(seq, n))
-            budget -= n
+            if n:
+                scheduled.append(ScheduledSequence(seq, n))
+                budget -= n
         for seq in admitted:
             self.waiting.remove(seq)
         return scheduled

@@ -1,4 +1,6 @@
-"""Per-request state: a `Request` owns one or more `Sequence`s (n samples of one prompt)."""
+"""Per-request state: a `Request` owns one or more `Sequence`s (n / best_of samples or the live
+beams of one prompt). A request starts with one sequence; the others are forked from it once its
+prompt is computed, sharing its KV blocks copy-on-write."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from lmserve.sampling_params import SamplingParams
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted with its KV copied to the swap tier; waits to be swapped back in
     FINISHED = "finished"
 
 
@@ -29,7 +32,8 @@ class Sequence:
     generator: torch.Generator | None
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    block_table: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)  # NO_BLOCK where a block was dropped or swapped out
+    swap_table: list[int] = field(default_factory=list)  # while swapped: swap-tier block per table entry
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks' tokens
     num_registered_blocks: int = 0  # leading blocks already entered into the prefix cache
     finish_reason: str | None = None
@@ -41,6 +45,7 @@ class Sequence:
     stop_matcher: object | None = None
     num_emitted_tokens: int = 0  # output tokens already reported in a streaming delta
     num_emitted_chars: int = 0
+    beam_logprobs: object | None = None  # beam search: next-token log-probs awaiting the request's beam step
 
     @property
     def params(self) -> SamplingParams:
@@ -74,7 +79,15 @@ class Request:
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finished_time: float | None = None
-    seqs: list[Sequence] = field(default_factory=list)
+    seqs: list[Sequence] = field(default_factory=list)  # samples, or the live beams under beam search
+    width: int = 1  # sequences the request grows to: best_of (or n), or the beam width
+    forked: bool = False  # whether the first sequence has been forked into `width`
+    beam: object | None = None  # beam_search.BeamSearch state of a beam-search request
+
+    @property
+    def pending_forks(self) -> int:
+        """Sequences this request will add once its prompt is computed."""
+        return 0 if self.forked else self.width - 1
 
     @property
     def is_finished(self) -> bool:

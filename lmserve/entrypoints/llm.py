@@ -12,8 +12,9 @@ from lmserve.config import EngineConfig
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.errors import InvalidParameterError
 from lmserve.loader import open_checkpoint
-from lmserve.outputs import RequestOutput
-from lmserve.sampling_params import SamplingParams
+from lmserve.engine.beam_search import beam_score
+from lmserve.outputs import BeamSearchOutput, BeamSequence, RequestOutput
+from lmserve.sampling_params import BeamSearchParams, SamplingParams
 
 Prompt = str | list[int]
 Message = dict[str, str]
@@ -73,6 +74,15 @@ class LLM:
         finally:
             bar.close()
         return [finals[request_id] for request_id in ids]
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams,
+                    use_tqdm: bool = True) -> list[BeamSearchOutput]:
+        """Beam search for each prompt; per prompt the `beam_width` best hypotheses, best first."""
+        outputs = self.generate(prompts, [params] * len(_as_prompt_list(prompts)), use_tqdm=use_tqdm)
+        return [BeamSearchOutput(out.prompt, out.prompt_token_ids, [
+            BeamSequence(c.token_ids, c.text, c.cumulative_logprob,
+                         beam_score(c.cumulative_logprob, len(c.token_ids), params.length_penalty), c.finish_reason)
+            for c in out.outputs]) for out in outputs]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that produced tokens (deltas in `delta_text`)."""

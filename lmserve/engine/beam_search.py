@@ -1,0 +1,97 @@
+"""The scoring and finishing rules of beam search, kept apart from the engine's plumbing.
+
+One `BeamSearch` per request. Each beam step receives the live beams' next-token log-probs and
+returns which (beam, token) continuations live on; the engine turns them into sequences, forking
+a beam's KV blocks when it has several continuations. The rules are those of transformers'
+`generate(num_beams=k, do_sample=False)`:
+
+- the top `(1 + number of EOS ids) * k` (at least 2k) candidates by cumulative log-prob are
+  considered, best first;
+- a candidate that ends with EOS, or reaches max_tokens, becomes a finished hypothesis if it is
+  among the first k candidates, scored cum_logprob / (generated tokens ** length_penalty); the
+  best k finished hypotheses are kept;
+- the best k other candidates are the next live beams;
+- the search ends when max_tokens is reached, when `early_stopping=True` and k hypotheses are
+  finished, or when the best live beam can no longer beat the worst finished hypothesis (scored
+  at its current length, or at max_tokens with `early_stopping="never"` and a positive penalty).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmserve.sampling_params import BeamSearchParams
+
+
+def beam_score(cum_logprob: float, num_generated: int, length_penalty: float) -> float:
+    """What hypotheses are ranked by: the log-probability divided by length ** length_penalty."""
+    return cum_logprob / (num_generated ** length_penalty)
+
+
+@dataclass
+class Hypothesis:
+    token_ids: list[int]  # generated tokens
+    cum_logprob: float
+    score: float
+
+
+@dataclass
+class Continuation:
+    beam: int  # index of the live beam it extends
+    token: int
+    cum_logprob: float
+
+
+class BeamSearch:
+    def __init__(self, params: BeamSearchParams, eos_token_ids: frozenset[int], max_tokens: int):
+        self.params = params
+        self.eos_token_ids = frozenset() if params.ignore_eos else eos_token_ids
+        self.max_tokens = max_tokens
+        self.finished: list[Hypothesis] = []  # best first, at most beam_width
+        self.improvable = True  # transformers' early-stop heuristic is not yet satisfied
+        self.done = False
+
+    def _score(self, cum_logprob: float, length: int) -> float:
+        return beam_score(cum_logprob, length, self.params.length_penalty)
+
+    def _finish(self, token_ids: list[int], cum_logprob: float) -> None:
+        width = self.params.beam_width
+        if not self.improvable or (self.params.early_stopping is True and len(self.finished) == width):
+            return
+        self.finished.append(Hypothesis(token_ids, cum_logprob, self._score(cum_logprob, len(token_ids))))
+        self.finished.sort(key=lambda h: h.score, reverse=True)
+        del self.finished[width:]
+
+    def step(self, cum_logprobs: list[float], generated: list[list[int]],
+             logprobs: torch.Tensor) -> list[Continuation]:
+        """One beam step over the live beams (all with the same number of generated tokens):
+        their cumulative log-probs, generated tokens and next-token log-probs [beams, vocab].
+        Returns the next live beams, best first; sets `done` when the search is over."""
+        width = self.params.beam_width
+        vocab = logprobs.shape[-1]
+        total = (logprobs.float() + torch.tensor(cum_logprobs, device=logprobs.device)[:, None]).flatten()
+        num_candidates = min(max(2, 1 + len(self.eos_token_ids)) * width, total.numel())
+        values, indices = total.topk(num_candidates)
+        length = len(generated[0]) + 1  # generated tokens once a candidate is appended
+        at_limit = length >= self.max_tokens
+        survivors: list[Continuation] = []
+        for rank, (value, index) in enumerate(zip(values.tolist(), indices.tolist())):
+            beam, token = divmod(index, vocab)
+            if at_limit or token in self.eos_token_ids:
+                if rank < width:
+                    self._finish(generated[beam] + [token], value)
+            elif len(survivors) < width:
+                survivors.append(Continuation(beam, token, value))
+        self.done = at_limit or not survivors or not self._may_improve(survivors[0].cum_logprob, length) \
+            or (self.params.early_stopping is True and len(self.finished) == width)
+        return [] if self.done else survivors
+
+    def _may_improve(self, best_live_logprob: float, length: int) -> bool:
+        if len(self.finished) == self.params.beam_width:
+            if self.params.early_stopping == "never" and self.params.length_penalty > 0:
+                length = self.max_tokens
+            self.improvable = self.improvable and \
+                self._score(best_live_logprob, length) > self.finished[-1].score
+        return self.improvable
