@@ -57,9 +57,10 @@ def _add_moe_metadata(writer: gguf.GGUFWriter, cfg) -> None:
         writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
 
 
-def write_gguf(hf_model, path, arch: str, linear_type):
+def write_gguf(hf_model, path, arch: str, linear_type, per_expert_names: bool = False):
     """Write `hf_model` as GGUF with 2-D projection weights in `linear_type`; update hf_model's
-    weights in place to the dequantized values so it stays the exact reference."""
+    weights in place to the dequantized values so it stays the exact reference. `per_expert_names`
+    writes MoE experts one tensor each (`blk.N.ffn_gate.E.weight`) as llama.cpp did before 2024."""
     cfg = hf_model.config
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -94,9 +95,15 @@ def write_gguf(hf_model, path, arch: str, linear_type):
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
             stored = _permute_for_llama_cpp(stored, heads)
+        raw_dtype = None if qtype in (Q.F32, Q.F16) else qtype
         for hf_name, part in _converter_tensors(name, stored):
-            writer.add_tensor(_gguf_name(hf_name, cfg.num_hidden_layers), part,
-                              raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
+            gguf_name = _gguf_name(hf_name, cfg.num_hidden_layers)
+            if per_expert_names and gguf_name.endswith("_exps.weight"):
+                for expert, expert_part in enumerate(part):
+                    writer.add_tensor(gguf_name.replace("_exps.weight", f".{expert}.weight"),
+                                      np.ascontiguousarray(expert_part), raw_dtype=raw_dtype)
+            else:
+                writer.add_tensor(gguf_name, part, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -8,10 +8,12 @@ import gguf
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lmserve import LLM
 from lmserve.config import ModelConfig
-from lmserve.errors import InvalidParameterError
+from lmserve.errors import InvalidParameterError, ModelLoadError
 from lmserve.layers.moe import SparseMoeBlock
 from lmserve.models.llama import LlamaMLP
 from tests.test_gguf_loader import write_gguf
@@ -58,6 +60,15 @@ def test_gguf_matches_transformers(kind, linear_type, tmp_path):
     assert_mixed_length_batch_greedy_tokens_match(path, hf_model, quantization="none")
 
 
+def test_gguf_with_one_tensor_per_expert_loads(tmp_path):
+    """Mixtral GGUF files converted before llama.cpp stacked the experts."""
+    hf_model = build_tiny_model("mixtral", tmp_path / "hf")
+    path = tmp_path / "mixtral.gguf"
+    write_gguf(hf_model, path, "llama", Q.Q8_0, per_expert_names=True)
+    assert "blk.0.ffn_gate.3.weight" in {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert_logits_and_greedy_tokens_match(path, hf_model, quantization="none")
+
+
 def _expert_by_expert(block: SparseMoeBlock, x: torch.Tensor, top_k: int, renormalize: bool) -> torch.Tensor:
     """Reference: per token, softmax over the router, its top-k experts each run on their own."""
     gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
@@ -89,6 +100,17 @@ def test_each_token_gets_weighted_sum_of_its_top_k_experts(renormalize, shared):
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
     # a token's output does not depend on the other tokens in the batch
     torch.testing.assert_close(block(x[5:6]), expected[5:6], rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_missing_an_expert_is_refused(tiny_model_factory, tmp_path):
+    directory, _ = tiny_model_factory("mixtral")
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        state = {name: f.get_tensor(name) for name in f.keys() if ".experts.2.w3." not in name}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
+    missing_up_rows = r"lacks expert\(s\) \[2\] of model\.layers\.\d\.mlp\.experts\.gate_up_proj \(up\)"
+    with pytest.raises(ModelLoadError, match=missing_up_rows):
+        LLM(str(tmp_path), dtype="float32")
 
 
 def test_top_k_larger_than_expert_count_is_refused():

@@ -34,6 +34,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
     expected = {name for name, _ in model.named_parameters()}
     renames = getattr(model, "checkpoint_renames", {})
     loaded: set[str] = set()
+    experts_seen: dict[tuple[str, str, str | None], set[int]] = {}  # per-expert tensors of stacked weights
     for name, tensor in tensors:
         if name.endswith(ignored_suffixes):
             continue
@@ -69,6 +70,13 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
         except ValueError as exc:
             raise WeightLoadError(f"tensor {checkpoint_name!r}: {exc}") from None
         loaded.add(f"{module_path}.{param_name}")
+        if expert_kwargs.get("expert") is not None:
+            experts_seen.setdefault((module_path, param_name, shard), set()).add(expert_kwargs["expert"])
+    for (module_path, param_name, shard), seen in experts_seen.items():
+        absent = sorted(set(range(modules[module_path].num_experts)) - seen)
+        if absent:
+            part = f"{module_path}.{param_name}" + (f" ({shard})" if shard else "")
+            raise WeightLoadError(f"checkpoint lacks expert(s) {absent} of {part}")
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
