@@ -3,6 +3,7 @@ the `gguf` package and renamed to the Hugging Face names the models use."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from pathlib import Path
@@ -17,7 +18,8 @@ from lmserve.loader.checkpoint import Checkpoint
 # GGUF `general.architecture` -> lmserve family key
 # (llama.cpp stores Mixtral as "llama" with expert tensors; _config_from_metadata tells them apart)
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-                      "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+                      "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
+                      "gemma3": "gemma3", "gpt2": "gpt2", "phi3": "phi3"}
 
 # Tensor types the gguf package can dequantize and we accept.
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
@@ -35,6 +37,18 @@ _LAYER_NAMES = {
     "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# Architectures whose names differ from the Llama ones: (layer prefix, layer names, global names).
+_ARCH_NAMES = {
+    "gemma3": ("model.layers", {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
+                                "post_attention_norm": "post_attention_layernorm",
+                                "post_ffw_norm": "post_feedforward_layernorm"}, _GLOBAL_NAMES),
+    "phi3": ("model.layers", {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+             _GLOBAL_NAMES),
+    "gpt2": ("transformer.h", {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+                               "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+             {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
+              "output_norm": "transformer.ln_f", "output": "lm_head"}),
+}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Mixtral files written before llama.cpp stacked the experts: blk.N.ffn_gate.E.weight
 _PER_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
@@ -43,19 +57,21 @@ _PER_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 _DEFAULT_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """Map a GGUF tensor name to its Hugging Face name (None for tensors the model does not use)."""
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """Map a GGUF tensor name of architecture `arch` to its Hugging Face name (None for tensors
+    the model does not use)."""
+    layer_prefix, layer_names, global_names = _ARCH_NAMES.get(arch, ("model.layers", _LAYER_NAMES, _GLOBAL_NAMES))
     match = _BLOCK_RE.match(gguf_name)
     if match:
         layer, kind, suffix = match.groups()
-        mapped = _LAYER_NAMES.get(kind)
-        return f"model.layers.{layer}.{mapped}.{suffix}" if mapped else None
+        mapped = layer_names.get(kind)
+        return f"{layer_prefix}.{layer}.{mapped}.{suffix}" if mapped else None
     match = _PER_EXPERT_RE.match(gguf_name)
     if match:
         layer, proj, expert = match.groups()
         return f"model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight"
     base, _, suffix = gguf_name.rpartition(".")
-    mapped = _GLOBAL_NAMES.get(base)
+    mapped = global_names.get(base)
     return f"{mapped}.{suffix}" if mapped else None
 
 
@@ -79,6 +95,38 @@ def _moe_settings(key, arch: str, num_layers: int, tensor_names: set[str]) -> di
         norm_topk_prob=bool(key("expert_weights_norm", _DEFAULT_NORM_TOPK.get(arch, False))),
         mlp_only_layers=[i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names],
     )
+
+
+def _family_settings(key, arch: str, num_layers: int, hidden: int, num_heads: int, head_dim: int) -> dict:
+    """ModelConfig fields of the non-Llama dense families, with llama.cpp's built-in values where
+    its files leave them out."""
+    if arch == "gemma3":
+        pattern = key("attention.sliding_window_pattern", 6)
+        sliding = pattern if isinstance(pattern, list) else [(i + 1) % pattern != 0 for i in range(num_layers)]
+        return dict(hidden_act="gelu_pytorch_tanh",
+                    layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+                    rope_local_theta=key("rope.freq_base_swa", 10000.0),
+                    # llama.cpp: Gemma 3 27B (62 layers) scales queries by hidden/heads, the others by head_dim
+                    query_pre_attn_scalar=float(hidden // num_heads if num_layers == 62 else head_dim),
+                    final_logit_softcapping=key("final_logit_softcapping"),
+                    norm_weight_offset=0.0, qk_norm=True)  # llama.cpp's converter stores norms as 1 + w
+    if arch == "gpt2":
+        return dict(hidden_act="gelu_new", rms_norm_eps=key("attention.layer_norm_epsilon", 1e-5),
+                    qkv_bias=True, o_bias=True, mlp_bias=True)
+    return {}
+
+
+def _longrope_scaling(reader, meta: dict, config: ModelConfig) -> dict:
+    """Phi-3's long-RoPE parameters; llama.cpp keeps the two factor lists as tensors."""
+    factors = {t.name: np.asarray(t.data, dtype=np.float32).tolist() for t in reader.tensors
+               if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")}
+    scaling = {"rope_type": "longrope", "long_factor": factors["rope_factors_long.weight"],
+               "short_factor": factors["rope_factors_short.weight"],
+               "original_max_position_embeddings": meta.get("phi3.rope.scaling.original_context_length",
+                                                            config.max_position_embeddings)}
+    if meta.get("phi3.rope.scaling.attn_factor") is not None:
+        scaling["attention_factor"] = meta["phi3.rope.scaling.attn_factor"]
+    return scaling
 
 
 def _config_from_metadata(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
@@ -109,7 +157,7 @@ def _config_from_metadata(meta: dict, tensor_names: set[str], path: str) -> Mode
     family = GGUF_ARCHITECTURES[arch]
     if family == "llama" and moe:
         family = "mixtral"
-    return ModelConfig(
+    config = ModelConfig(
         architecture=family,
         vocab_size=int(vocab),
         hidden_size=hidden,
@@ -132,6 +180,7 @@ def _config_from_metadata(meta: dict, tensor_names: set[str], path: str) -> Mode
         name=meta.get("general.name", ""),
         **moe,
     )
+    return dataclasses.replace(config, **_family_settings(key, arch, num_layers, hidden, num_heads, head_dim))
 
 
 def load_gguf(path: Path) -> Checkpoint:
@@ -156,12 +205,15 @@ def load_gguf(path: Path) -> Checkpoint:
         config = _config_from_metadata(meta, names, str(path))
     except InvalidParameterError as exc:
         raise ModelLoadError(path, f"invalid hyper-parameter in GGUF metadata: {exc}") from None
+    if "rope_factors_long.weight" in names:
+        config = dataclasses.replace(config, rope_scaling=_longrope_scaling(reader, meta, config))
+    arch = meta.get("general.architecture")
     rope_heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads} if \
         meta.get("general.architecture") == "llama" else {}
 
     def iter_tensors():
         for tensor in reader.tensors:
-            name = hf_tensor_name(tensor.name)
+            name = hf_tensor_name(tensor.name, arch)
             if name is None:
                 continue
             try:
@@ -177,7 +229,10 @@ def load_gguf(path: Path) -> Checkpoint:
                 array = array.copy()
             yield name, torch.from_numpy(array)
 
-    return Checkpoint(path=str(path), format="gguf", config=config,
-                      tokenizer=Tokenizer.from_gguf_metadata(meta, str(path)),
+    tokenizer = Tokenizer.from_gguf_metadata(meta, str(path))
+    if tokenizer.chat_template is None:
+        from lmserve.models import DEFAULT_CHAT_TEMPLATES
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATES.get(config.architecture)
+    return Checkpoint(path=str(path), format="gguf", config=config, tokenizer=tokenizer,
                       tensor_types=dict(types), num_params=sum(int(t.n_elements) for t in reader.tensors),
                       _iter_tensors=iter_tensors)
