@@ -1,21 +1,26 @@
 """Property tests of the block manager and scheduler, driven without a model: random arrivals,
-aborts and finishes under memory pressure never leak or double-free a block, every request
-finishes or is aborted, and with prefix caching a sequence only ever reads cache slots that hold
-its own tokens at their positions."""
+aborts, finishes, forks, preemptions and swaps under memory pressure never leak or double-free a
+block, reference counts equal the live block-table references, every request finishes or is
+aborted, and a sequence only ever reads cache slots that hold its own tokens at their positions
+(through prefix caching, copy-on-write, swapping and sliding-window release). The last test
+runs a sliding-window model and checks released blocks against transformers' tokens."""
 
 from collections import Counter
+
+import torch
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmserve.engine.block_manager import BlockManager
+from lmserve import LLM, SamplingParams as Params
+from lmserve.engine.block_manager import COPY, NO_BLOCK, SWAP_IN, SWAP_OUT, BlockManager
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Request, Sequence, SequenceStatus
 from lmserve.sampling_params import SamplingParams
 
 
 def _check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
-    refs = Counter(b for s in live for b in s.block_table)
+    refs = Counter(b for s in live for b in s.block_table if b != NO_BLOCK)
     assert all(bm.ref_counts[b] == n for b, n in refs.items()), "ref count differs from table references"
     free = list(bm.free_blocks)
     assert len(free) == len(set(free)), "a block is in the free pool twice"
@@ -23,6 +28,10 @@ def _check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
     assert len(free) + len(refs) == bm.num_blocks, "a block leaked"
     assert all(bm.ref_counts[b] == 0 for b in free)
     assert all(bm.block_hash[b] == h for h, b in bm.cached.items()), "prefix-cache map inconsistent"
+    swapped = [b for s in live for b in s.swap_table if b != NO_BLOCK]
+    assert len(swapped) == len(set(swapped)), "a swap block is held twice"
+    assert not set(swapped) & set(bm.free_swap_blocks), "a held swap block is also free"
+    assert len(swapped) + len(bm.free_swap_blocks) == bm.num_swap_blocks, "a swap block leaked"
 
 
 def _make_seq(seq_id: int, prompt_len: int, max_tokens: int) -> Sequence:
@@ -140,3 +149,175 @@ def test_prefix_cache_reuses_full_blocks_and_reports_hits():
     assert second.block_table[:2] == first_table[:2]
     assert bm.prefix_cache_hit_rate == 8 / 20
 
+
+
+class _SimulatedCache:
+    """What a model runner would hold: device and swap slots -> (token, position) written there."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.device: dict[int, tuple[int, int]] = {}
+        self.swap: dict[int, tuple[int, int]] = {}
+
+    def _move(self, source: dict, target: dict, pairs) -> None:
+        bs = self.block_size
+        gathered = [[source.get(src * bs + o) for o in range(bs)] for src, _ in pairs]  # sources first
+        for (_, dst), contents in zip(pairs, gathered):
+            for o, content in enumerate(contents):
+                target[dst * bs + o] = content
+
+    def run(self, ops) -> None:
+        for kind, pairs in ops:
+            source, target = {COPY: (self.device, self.device), SWAP_OUT: (self.device, self.swap),
+                              SWAP_IN: (self.swap, self.device)}[kind]
+            self._move(source, target, pairs)
+
+
+workloads = st.lists(
+    st.tuples(st.integers(1, 30), st.integers(1, 20), st.integers(0, 6), st.booleans(), st.integers(1, 3)),
+    min_size=2, max_size=10)
+
+
+@settings(max_examples=100, deadline=None)
+@given(requests=workloads, num_blocks=st.integers(4, 16), block_size=st.sampled_from([1, 2, 4]),
+       budget=st.integers(1, 48), prefix_caching=st.booleans(), mode=st.sampled_from(["recompute", "swap"]),
+       num_swap_blocks=st.integers(0, 12), window=st.sampled_from([None, 3, 6]))
+def test_forks_swaps_and_windows_never_leak_or_read_foreign_slots(requests, num_blocks, block_size, budget,
+                                                                   prefix_caching, mode, num_swap_blocks,
+                                                                   window):
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching,
+                      num_swap_blocks=num_swap_blocks if mode == "swap" else 0, sliding_window=window)
+    max_seqs = 8
+    sched = Scheduler(bm, max_seqs, budget, preemption_mode=mode)
+    capacity = num_blocks * block_size
+    pending = []
+    for i, (prompt_len, max_tokens, arrive_step, abort, width) in enumerate(requests):
+        prompt_len = min(prompt_len, capacity - 1)
+        max_tokens = min(max_tokens, capacity - prompt_len)
+        seq = _make_seq(i, prompt_len, max_tokens)
+        seq.token_ids = [t % 3 for t in range(i % 2, i % 2 + prompt_len)]
+        seq.request.width = width
+        pending.append((arrive_step, seq, abort))
+    aborting = {seq.request.request_id for _, seq, abort in pending if abort}
+    cache = _SimulatedCache(block_size)
+    live: list[Sequence] = []
+    finished: set[str] = set()
+    next_id = len(requests)
+    for step in range(3000):
+        for arrive_step, seq, _ in pending:
+            if arrive_step == step:
+                sched.add(seq)
+                live.append(seq)
+        scheduled = sched.schedule()
+        cache.run(bm.take_block_ops())
+        assert sum(r.num_tokens for r in scheduled) <= budget
+        assert len(sched.running) <= max_seqs
+        for r in scheduled:
+            seq, c = r.seq, r.seq.num_computed_tokens
+            first_read = 0 if window is None else max(0, c - window + 1)
+            for p in range(first_read, c):
+                assert cache.device.get(bm.slot(seq, p)) == (seq.token_ids[p], p), "read a foreign slot"
+            for p in range(c, c + r.num_tokens):
+                assert bm.ref_counts[seq.block_table[p // block_size]] == 1, "wrote into a shared block"
+                cache.device[bm.slot(seq, p)] = (seq.token_ids[p], p)
+        for r in scheduled:
+            r.seq.num_computed_tokens += r.num_tokens
+            bm.register_full_blocks(r.seq)
+        for r in scheduled:
+            seq = r.seq
+            if seq.num_computed_tokens != seq.num_tokens:
+                continue
+            request = seq.request
+            for _ in range(request.pending_forks):  # what the engine does at the prompt's end
+                child = Sequence(next_id, request, len(request.seqs), list(seq.token_ids), seq.num_prompt_tokens,
+                                 generator=None)
+                next_id += 1
+                request.seqs.append(child)
+                sched.fork(seq, child)
+                live.append(child)
+                child.token_ids.append(child.index % 3)  # siblings diverge
+            request.forked = True
+            seq.token_ids.append(seq.index % 3)
+        for seq in list(live):
+            request = seq.request
+            done = seq.num_output_tokens >= request.params.max_tokens
+            if request.request_id in aborting and seq.num_output_tokens >= 1:
+                done = True
+            if done:
+                seq.status = SequenceStatus.FINISHED
+                sched.remove(seq)
+                live.remove(seq)
+                if request.is_finished:
+                    finished.add(request.request_id)
+        _check_invariants(bm, live)
+        if not sched.has_unfinished() and step > max(a for a, _, _ in pending):
+            break
+    assert finished == {s.request.request_id for _, s, _ in pending}, "some request never finished"
+    assert bm.num_free_blocks == num_blocks and len(bm.free_swap_blocks) == bm.num_swap_blocks
+
+
+def test_fork_shares_every_block_and_copies_the_partial_one_on_write():
+    bm = BlockManager(16, 4)
+    parent = _make_seq(0, 10, 4)
+    assert bm.allocate(parent, 10)
+    parent.num_computed_tokens = 10
+    child = Sequence(1, parent.request, 1, list(parent.token_ids), 10, generator=None)
+    bm.fork(parent, child)
+    assert child.block_table == parent.block_table and bm.num_used_blocks == 3
+    assert all(bm.ref_counts[b] == 2 for b in parent.block_table)
+    parent.token_ids.append(1)
+    child.token_ids.append(2)
+    assert bm.allocate(child, 11)  # writes position 10, inside the shared partial block
+    assert bm.take_block_ops() == [(COPY, [(parent.block_table[2], child.block_table[2])])]
+    assert child.block_table[:2] == parent.block_table[:2] and child.block_table[2] != parent.block_table[2]
+    assert bm.allocate(parent, 11) and bm.take_block_ops() == []  # now the parent's alone: no copy
+    assert bm.num_used_blocks == 4
+
+
+def test_swap_out_and_in_round_trip_and_full_swap_space_falls_back_to_recompute():
+    bm = BlockManager(8, 4, num_swap_blocks=3)
+    sched = Scheduler(bm, 8, 64, preemption_mode="swap")
+    a, b = _make_seq(0, 10, 4), _make_seq(1, 10, 4)
+    for seq in (a, b):
+        sched.add(seq)
+    sched.schedule()
+    for seq in (a, b):
+        seq.num_computed_tokens = 10
+        seq.token_ids.append(1)
+    sched._preempt(b)  # its 3 blocks fit the swap space
+    assert b.status == SequenceStatus.SWAPPED and b.num_computed_tokens == 10
+    (kind, pairs), = bm.take_block_ops()
+    assert kind == SWAP_OUT and len(pairs) == 3 and bm.num_used_blocks == 3
+    sched._preempt(a)  # the swap space is full: recompute
+    assert a.status == SequenceStatus.WAITING and a.num_computed_tokens == 0
+    assert (sched.num_preemptions, sched.num_swap_outs) == (2, 1)
+    scheduled = sched.schedule()
+    assert [(r.seq, r.num_tokens) for r in scheduled] == [(a, 11), (b, 1)]
+    (kind, pairs), = bm.take_block_ops()
+    assert kind == SWAP_IN and [dev for _, dev in pairs] == b.block_table and len(bm.free_swap_blocks) == 3
+
+
+def test_sliding_window_model_releases_blocks_and_matches_transformers(tiny_model_factory):
+    directory, hf_model = tiny_model_factory("mistral_sliding")  # window 7
+    llm = LLM(str(directory), dtype="float32", quantization="none", block_size=4)
+    bm = llm.engine.block_manager
+    assert bm.sliding_window == 7
+    used = []
+    engine_step = llm.engine.step
+
+    def step():
+        outputs = engine_step()
+        used.append(bm.num_used_blocks)
+        return outputs
+
+    llm.engine.step = step
+    prompt = [(11 * j) % 300 + 1 for j in range(20)]
+    out = llm.generate([prompt], Params(max_tokens=40, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[0, 20:].tolist()
+    assert out.outputs[0].token_ids == expected
+    # 59 positions computed would need 15 blocks; decoding keeps only the window's (at most 7
+    # positions spread over 3 blocks) plus the block being written.
+    assert max(used[3:]) <= 4 and bm.num_dropped_blocks >= 11
+    assert bm.num_free_blocks == bm.num_blocks
+    again = llm.generate([prompt], Params(max_tokens=40, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    assert again.outputs[0].token_ids == expected  # prefix cache hits on released blocks stay correct

@@ -56,13 +56,11 @@ class BeamSearch:
     def _score(self, cum_logprob: float, length: int) -> float:
         return beam_score(cum_logprob, length, self.params.length_penalty)
 
-    def _finish(self, token_ids: list[int], cum_logprob: float) -> None:
-        width = self.params.beam_width
-        if not self.improvable or (self.params.early_stopping is True and len(self.finished) == width):
-            return
-        self.finished.append(Hypothesis(token_ids, cum_logprob, self._score(cum_logprob, len(token_ids))))
-        self.finished.sort(key=lambda h: h.score, reverse=True)
-        del self.finished[width:]
+    def _accepts_finished(self) -> bool:
+        """Whether this step's finished candidates may enter the kept hypotheses (decided once per
+        step, before any of them is added)."""
+        full = len(self.finished) == self.params.beam_width
+        return self.improvable and not (self.params.early_stopping is True and full)
 
     def step(self, cum_logprobs: list[float], generated: list[list[int]],
              logprobs: torch.Tensor) -> list[Continuation]:
@@ -77,13 +75,17 @@ class BeamSearch:
         length = len(generated[0]) + 1  # generated tokens once a candidate is appended
         at_limit = length >= self.max_tokens
         survivors: list[Continuation] = []
+        accepts_finished = self._accepts_finished()
         for rank, (value, index) in enumerate(zip(values.tolist(), indices.tolist())):
             beam, token = divmod(index, vocab)
             if at_limit or token in self.eos_token_ids:
-                if rank < width:
-                    self._finish(generated[beam] + [token], value)
+                if rank < width and accepts_finished:
+                    tokens = generated[beam] + [token]
+                    self.finished.append(Hypothesis(tokens, value, self._score(value, len(tokens))))
             elif len(survivors) < width:
                 survivors.append(Continuation(beam, token, value))
+        self.finished.sort(key=lambda h: h.score, reverse=True)
+        del self.finished[width:]
         self.done = at_limit or not survivors or not self._may_improve(survivors[0].cum_logprob, length) \
             or (self.params.early_stopping is True and len(self.finished) == width)
         return [] if self.done else survivors

@@ -13,8 +13,9 @@ preempted and goes back to the front of the queue. Under `preemption_mode="recom
 blocks are freed and it is recomputed from its tokens later; under "swap" its blocks are copied
 to the swap tier and copied back when it is readmitted (recompute when the swap tier is full).
 
-A running sequence with nothing left to compute (a beam whose next-token log-probs wait for its
-siblings) is skipped; if nothing else can run, it is preempted so the queue can move.
+A beam whose next-token log-probs wait for its siblings' has nothing to compute: it is skipped
+while running, and if nothing else can run it is preempted to make room for the queue; a
+preempted one is not readmitted before the beam step has extended it.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if n == 0:  # waits for its beam siblings
+            if seq.awaits_beam_step:
                 i += 1
                 continue
             while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
@@ -138,18 +139,21 @@ class Scheduler:
             i += 1
         # After a preemption the pool is known to be short: admit nobody new this step.
         admitted = []
+        num_seqs = len(self.running) + sum(s.request.pending_forks for s in self.running)  # forks to come
         for seq in list(self.waiting) if not preempted else []:
-            if budget <= 0 or len(self.running) + 1 + seq.request.pending_forks > self.max_num_seqs:
+            if budget <= 0 or num_seqs + 1 + seq.request.pending_forks > self.max_num_seqs:
                 break
+            if seq.awaits_beam_step:
+                continue
             n = self._admit(seq, budget)
             if n is None:
                 break
             admitted.append(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            if n:
-                scheduled.append(ScheduledSequence(seq, n))
-                budget -= n
+            num_seqs += 1 + seq.request.pending_forks
+            scheduled.append(ScheduledSequence(seq, n))
+            budget -= n
         for seq in admitted:
             self.waiting.remove(seq)
         return scheduled

@@ -67,6 +67,12 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
+    @property
+    def awaits_beam_step(self) -> bool:
+        """A beam whose next-token log-probs are known: nothing to compute until its siblings'
+        are too and the beam step extends it."""
+        return self.beam_logprobs is not None
+
 
 @dataclass(eq=False)
 class Request:
