@@ -165,6 +165,9 @@ class EngineConfig:
     # auto: keep a GGUF file's packed formats (computing in bf16), dense weights otherwise;
     # none: dequantize everything to `dtype`; int8 / int4: weight-only quantization at load.
     quantization: str = "auto"
+    # Packed CPU kernels run small batches in bf16 and large ones as fp32 GEMM, so a request's
+    # numerics can depend on the batch it shares; True runs every batch the fp32 way instead.
+    deterministic: bool = False
     seed: int = 0
     # When KV blocks run out: "recompute" frees a victim's blocks and prefills it again later;
     # "swap" copies them to `swap_space` bytes of host memory (a memory-mapped file for a CPU cache).
@@ -188,6 +191,9 @@ class EngineConfig:
         if self.quantization not in QUANTIZATION_MODES:
             raise InvalidParameterError("quantization", f"must be one of {', '.join(QUANTIZATION_MODES)}; "
                                                         f"got {self.quantization!r}")
+        if self.quantization in ("int8", "int4") and self.torch_device.type != "cpu":
+            raise InvalidParameterError("quantization", f"{self.quantization} weight-only kernels are CPU-only; "
+                                                        "use auto or none on a GPU")
         for name, low in (("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:

@@ -10,7 +10,7 @@ from lmserve.entrypoints.batch import run_batch
 
 @pytest.fixture(scope="module")
 def llm(smollm2_path):
-    return LLM(str(smollm2_path))
+    return LLM(str(smollm2_path), deterministic=True)
 
 
 def _write_input(path):

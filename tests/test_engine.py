@@ -20,7 +20,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llm(smollm2_path):
-    return LLM(str(smollm2_path), max_num_seqs=16)
+    return LLM(str(smollm2_path), deterministic=True, max_num_seqs=16)
 
 
 def _all_free(llm):
@@ -55,7 +55,7 @@ def test_seeded_sampling_is_batch_invariant_and_reproducible(llm):
 def test_preemption_under_memory_pressure_keeps_greedy_outputs(smollm2_path, llm):
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     reference = _texts(llm.generate(PROMPTS, params, use_tqdm=False))
-    small = LLM(str(smollm2_path), num_kv_blocks=12, block_size=16, max_num_batched_tokens=64)
+    small = LLM(str(smollm2_path), deterministic=True, num_kv_blocks=12, block_size=16, max_num_batched_tokens=64)
     outputs = _texts(small.generate(PROMPTS, params, use_tqdm=False))
     assert small.engine.scheduler.num_preemptions > 0
     assert outputs == reference
@@ -126,7 +126,7 @@ def test_token_id_prompts_and_text_prompts_agree(llm):
 
 
 def test_context_limit_is_enforced_with_both_numbers(smollm2_path):
-    small = LLM(str(smollm2_path), max_model_len=64)
+    small = LLM(str(smollm2_path), deterministic=True, max_model_len=64)
     with pytest.raises(ContextLengthError) as err:
         small.generate("word " * 60, SamplingParams(max_tokens=10), use_tqdm=False)
     assert "64" in str(err.value) and "10" in str(err.value)
@@ -164,7 +164,7 @@ def test_prefix_cache_hits_and_gives_the_same_tokens(smollm2_path, llm):
     system = "You are a helpful assistant who answers questions about geography in detail. " * 3
     prompts = [system + q for q in ("Where is Peru?", "Where is Chad?", "Where is Laos?")]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    uncached = LLM(str(smollm2_path), enable_prefix_caching=False)
+    uncached = LLM(str(smollm2_path), deterministic=True, enable_prefix_caching=False)
     expected = _texts(uncached.generate(prompts, params, use_tqdm=False))
     assert uncached.engine.block_manager.prefix_cache_hit_rate == 0
     bm = llm.engine.block_manager
@@ -183,14 +183,14 @@ def test_prefix_cache_hits_and_gives_the_same_tokens(smollm2_path, llm):
 def test_prompt_longer_than_the_step_budget_is_chunked(smollm2_path, llm):
     prompt = PROMPTS[4] * 4
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    chunked = LLM(str(smollm2_path), max_num_batched_tokens=16, enable_prefix_caching=False)
+    chunked = LLM(str(smollm2_path), deterministic=True, max_num_batched_tokens=16, enable_prefix_caching=False)
     assert len(chunked.tokenizer.encode(prompt)) > 3 * 16
     assert _texts(chunked.generate([prompt, PROMPTS[0]], params, use_tqdm=False)) == \
         _texts(llm.generate([prompt, PROMPTS[0]], params, use_tqdm=False))
 
 
 def test_prompt_filling_the_context_is_refused_without_max_tokens(smollm2_path):
-    small = LLM(str(smollm2_path), max_model_len=32)
+    small = LLM(str(smollm2_path), deterministic=True, max_model_len=32)
     with pytest.raises(ContextLengthError, match="32"):
         small.generate("word " * 40, SamplingParams(max_tokens=None), use_tqdm=False)
     out = small.generate("Hello", SamplingParams(max_tokens=None, temperature=0, ignore_eos=True), use_tqdm=False)[0]

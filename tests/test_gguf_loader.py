@@ -119,7 +119,7 @@ def test_gguf_logits_match_transformers(kind, arch, linear_type, tmp_path):
     hf_model = build_tiny_model(kind, tmp_path / "hf")
     path = tmp_path / f"{kind}.gguf"
     write_gguf(hf_model, path, arch, linear_type)
-    llm = LLM(str(path), dtype="float32")
+    llm = LLM(str(path), dtype="float32", quantization="none")
     assert llm.engine.checkpoint.tensor_types.get(linear_type.name, 0) > 0
     captured = []
     sampler = llm.engine.sampler

@@ -32,8 +32,8 @@ def test_logit_error_is_bounded(kv_dtype, tiny_model_factory):
 
 def test_int8_cache_holds_more_tokens_and_mostly_agrees(smollm2_path):
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    full = LLM(str(smollm2_path), kv_cache_memory="64MiB")
-    packed = LLM(str(smollm2_path), kv_cache_memory="64MiB", kv_cache_dtype="int8")
+    full = LLM(str(smollm2_path), deterministic=True, kv_cache_memory="64MiB")
+    packed = LLM(str(smollm2_path), deterministic=True, kv_cache_memory="64MiB", kv_cache_dtype="int8")
     assert packed.engine.block_manager.num_blocks >= 3.5 * full.engine.block_manager.num_blocks
     expected = [o.outputs[0].token_ids for o in full.generate(PROMPTS, params, use_tqdm=False)]
     got = [o.outputs[0].token_ids for o in packed.generate(PROMPTS, params, use_tqdm=False)]

@@ -53,7 +53,7 @@ def running(app):
 
 @pytest.fixture(scope="module")
 def async_engine():
-    engine = AsyncEngine(LLM().engine).start()
+    engine = AsyncEngine(LLM(deterministic=True).engine).start()
     yield engine
     engine.shutdown()
 

@@ -26,7 +26,7 @@ def reference(smollm2_path):
 
 @pytest.fixture(scope="module")
 def llm(smollm2_path):
-    return LLM(str(smollm2_path), dtype="float32")
+    return LLM(str(smollm2_path), dtype="float32", quantization="none")
 
 
 def test_prefill_logits_match_transformers_gguf(llm, reference):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import Counter
 from contextlib import contextmanager
 
 import torch
@@ -25,10 +26,12 @@ from lmserve.engine.sampler import Sampler, SamplingRow
 from lmserve.engine.scheduler import ScheduledSequence, Scheduler
 from lmserve.engine.sequence import Request, Sequence, SequenceStatus
 from lmserve.errors import ContextLengthError, InvalidParameterError, ModelLoadError
+from lmserve.layers.linear import Linear
 from lmserve.loader import Checkpoint
 from lmserve.models import MODEL_REGISTRY
 from lmserve.models.weights import WeightLoadError, load_weights
 from lmserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from lmserve.quant.packed import KernelOrGemmWeight
 from lmserve.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("lmserve")
@@ -52,11 +55,31 @@ def build_model(checkpoint: Checkpoint, engine_config: EngineConfig, max_model_l
                                               f"(supported: {', '.join(MODEL_REGISTRY)})")
     with _default_dtype(engine_config.torch_dtype), torch.device(engine_config.torch_device):
         model = model_cls(cfg, max_model_len)
+    # The packed kernels are PyTorch's CPU ones; on a GPU quantized files are dequantized.
+    keep_packed = engine_config.quantization == "auto" and engine_config.torch_device.type == "cpu"
     try:
-        load_weights(model, checkpoint.tensors(), model.packed_modules, model.ignored_checkpoint_suffixes)
+        load_weights(model, checkpoint.tensors(keep_packed=keep_packed), model.packed_modules,
+                     model.ignored_checkpoint_suffixes)
     except WeightLoadError as exc:
         raise ModelLoadError(checkpoint.path, str(exc)) from None
+    if engine_config.quantization in ("int8", "int4"):
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.quantize_(engine_config.quantization)
+    if engine_config.deterministic:
+        for module in model.modules():
+            if isinstance(module, KernelOrGemmWeight):
+                module.kernel_max_rows = 0
+    _log_weight_formats(model)
     return model.eval()
+
+
+def _log_weight_formats(model: torch.nn.Module) -> None:
+    kinds = Counter(type(m.packed).__name__ if getattr(m, "packed", None) is not None else "dense"
+                    for m in model.modules() if hasattr(m, "accepts_packed"))
+    weight_bytes = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    logger.info("weights: %s; %.1f MiB resident", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())),
+                weight_bytes / 2**20)
 
 
 def common_sliding_window(model: torch.nn.Module) -> int | None:

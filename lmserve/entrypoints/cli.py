@@ -25,6 +25,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", default="1GiB")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto, int8 or fp8")
+    p.add_argument("--quantization", default="auto",
+                   help="auto (keep a GGUF file's quantized weights packed), none (dequantize to --dtype), "
+                        "int8 or int4 (weight-only quantization at load)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="run packed weights the same way at every batch size, so a request's tokens do not "
+                        "depend on what it is batched with (slower decode)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -113,7 +119,8 @@ def _llm(args):
     from lmserve import LLM
     return LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
                max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-               kv_cache_dtype=args.kv_cache_dtype)
+               kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+               deterministic=args.deterministic)
 
 
 def _params(args):

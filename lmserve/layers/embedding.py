@@ -1,18 +1,43 @@
-"""Token and learned position embeddings, and the LM head that may share the token table."""
+"""Token and learned position embeddings, and the LM head that may share the token table.
+
+A table loaded from a quantized GGUF tensor stays packed (int8 values with group scales) and
+lookups dequantize only the rows they gather. An LM head whose weight is quantized — its own or
+the tied embedding's — multiplies through the packed int4 kernel (`quant.packed.Int4Weight`,
+which holds formats of up to 8 bits as nibble planes; a tied head keeps its own packed copy).
+"""
+
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.quant.gguf_blocks import GroupQuantized
+from lmserve.quant.packed import Int4Weight, Int8GroupWeight, pack
+
+
 
 class VocabEmbedding(nn.Module):
     """Looks up one row per token id."""
 
+    accepts_packed = True
+
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, dim), requires_grad=False)
+        self.packed: Int8GroupWeight | None = None
+        self.dtype = torch.get_default_dtype()
+
+    def load_shard(self, param_name: str, tensor, shard: str | None = None) -> None:
+        if isinstance(tensor, GroupQuantized):
+            self.packed = Int8GroupWeight(tensor)
+            del self.weight
+            self.weight = None
+        else:
+            _copy_checked(self.weight.data, tensor)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.dequantize_rows(token_ids, self.dtype)
         return F.embedding(token_ids, self.weight)
 
 
@@ -28,12 +53,43 @@ class LearnedPositionEmbedding(VocabEmbedding):
 class LMHead(nn.Module):
     """Projects hidden states to vocabulary logits; `tied_to` reuses the embedding table."""
 
+    accepts_packed = True
+
     def __init__(self, vocab_size: int, dim: int, tied_to: VocabEmbedding | None = None):
         super().__init__()
         self.tied_to = tied_to
         self.weight = None if tied_to is not None else nn.Parameter(
             torch.empty(vocab_size, dim), requires_grad=False)
+        self.packed: nn.Module | None = None
+
+    def load_shard(self, param_name: str, tensor, shard: str | None = None) -> None:
+        if isinstance(tensor, GroupQuantized):
+            self.packed = pack(tensor)
+            del self.weight
+            self.weight = None
+        else:
+            _copy_checked(self.weight.data, tensor)
+
+    def finish_loading(self) -> None:
+        if self.tied_to is not None and self.tied_to.packed is not None and self.packed is None:
+            self.packed = _head_from_table(self.tied_to.packed)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed(hidden)
         weight = self.tied_to.weight if self.tied_to is not None else self.weight
         return F.linear(hidden, weight)
+
+
+def _head_from_table(table: Int8GroupWeight) -> torch.nn.Module:
+    if table.group % 32:
+        return table  # no int4 layout for groups this small: dequantize-then-matmul
+    low, high = int(table.q.min()), int(table.q.max())
+    bias = None if table.bias is None else table.bias.numpy()
+    return Int4Weight(GroupQuantized(table.q.numpy(), table.scale.numpy(), bias, table.group, (low, high)))
+
+
+def _copy_checked(target: torch.Tensor, tensor: torch.Tensor) -> None:
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise ValueError(f"shape mismatch: checkpoint has {tuple(tensor.shape)}, model expects {tuple(target.shape)}")
+    target.copy_(tensor)

@@ -22,5 +22,9 @@ class Checkpoint:
     num_params: int
     _iter_tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False, default=None)
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, keep_packed: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs; with `keep_packed`, GGUF block-quantized matrices come as
+        `lmserve.quant.gguf_blocks.GroupQuantized` instead of dense tensors."""
+        if keep_packed and self.format == "gguf":
+            return self._iter_tensors(keep_packed=True)
         return self._iter_tensors()

@@ -14,6 +14,7 @@ import torch
 from lmserve.config import ModelConfig
 from lmserve.errors import InvalidParameterError, ModelLoadError
 from lmserve.loader.checkpoint import Checkpoint
+from lmserve.quant.gguf_blocks import PACKABLE_TYPES, decode
 
 # GGUF `general.architecture` -> lmserve family key
 # (llama.cpp stores Mixtral as "llama" with expert tensors; _config_from_metadata tells them apart)
@@ -211,17 +212,25 @@ def load_gguf(path: Path) -> Checkpoint:
     rope_heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads} if \
         meta.get("general.architecture") == "llama" else {}
 
-    def iter_tensors():
+    def iter_tensors(keep_packed: bool = False):
         for tensor in reader.tensors:
             name = hf_tensor_name(tensor.name, arch)
             if name is None:
+                continue
+            proj = name.split(".")[-2]
+            type_name = tensor.tensor_type.name
+            if keep_packed and type_name in PACKABLE_TYPES and len(tensor.shape) == 2:
+                # GGUF lists dimensions innermost first: shape is (cols, rows)
+                packed = decode(tensor.data, type_name, (int(tensor.shape[1]), int(tensor.shape[0])))
+                if proj in rope_heads:
+                    packed = packed.map_rows(lambda rows: _unpermute_rope(rows, rope_heads[proj]))
+                yield name, packed
                 continue
             try:
                 array = dequantize(tensor.data, tensor.tensor_type)
             except Exception as exc:
                 raise ModelLoadError(path, f"cannot decode tensor {tensor.name!r} "
-                                           f"({tensor.tensor_type.name}): {exc}") from None
-            proj = name.split(".")[-2]
+                                           f"({type_name}): {exc}") from None
             if proj in rope_heads:
                 array = _unpermute_rope(array, rope_heads[proj])
             array = np.ascontiguousarray(array, dtype=np.float32)

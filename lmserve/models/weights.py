@@ -8,7 +8,10 @@ Mixture-of-experts blocks keep their experts stacked in one tensor per projectio
 checkpoint tensors come per expert (`...experts.3.gate_proj.weight`) or already stacked
 (`...experts.gate_proj.weight` from GGUF, `...experts.gate_up_proj` from transformers v5); the
 first two route to the `experts` module's `load_shard` with the expert index (None: all experts).
-A model may also list `checkpoint_renames` (substring -> replacement) for checkpoints that name
+GGUF tensors may arrive still quantized (`GroupQuantized`); modules that can hold them packed
+say so with `accepts_packed`, every other module receives them dequantized. Once all tensors are
+in, each module's `finish_loading` packs what it collected. A model may also list
+`checkpoint_renames` (substring -> replacement) for checkpoints that name
 the same parts differently (Mixtral's `block_sparse_moe.experts.N.w1`).
 """
 
@@ -19,6 +22,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from lmserve.quant.gguf_blocks import GroupQuantized
 
 
 _EXPERT_RE = re.compile(r"^(?P<experts>.+\.experts)\.(?:(?P<index>\d+)\.)?(?P<proj>\w+)\.weight$")
@@ -58,6 +63,8 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
         module = modules.get(module_path)
         if module is None or not hasattr(module, param_name) or getattr(module, param_name) is None:
             raise WeightLoadError(f"unexpected tensor {checkpoint_name!r} for this architecture")
+        if isinstance(tensor, GroupQuantized) and not getattr(module, "accepts_packed", False):
+            tensor = torch.from_numpy(tensor.dequantize())
         try:
             if hasattr(module, "load_shard"):
                 module.load_shard(param_name, tensor, shard, **expert_kwargs)
@@ -77,6 +84,9 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
         if absent:
             part = f"{module_path}.{param_name}" + (f" ({shard})" if shard else "")
             raise WeightLoadError(f"checkpoint lacks expert(s) {absent} of {part}")
+    for module in modules.values():
+        if hasattr(module, "finish_loading"):
+            module.finish_loading()
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

@@ -1,0 +1,170 @@
+"""Weights held in packed integer form, and the matmul over each.
+
+- `Int4Weight`: values in groups of 32 along the input dim, in the layout of PyTorch's CPU
+  weight-only kernel `_weight_int4pack_mm_for_cpu` (w = (u - 8) * scale + zero). GGUF Q4_0, Q4_1
+  and Q4_K map onto it directly, wider formats with groups of 32 (Q5_0, Q5_1, Q5_K, Q8_0) as two
+  nibble planes; exact up to the bf16 scales the kernel takes. int4 quantization at load too.
+- `Int8GroupWeight`: int8 values with per-group scales (and offsets): formats whose groups are
+  smaller than 32 (Q6_K), and quantized embedding tables, which are gathered row by row.
+- `Int8ChannelWeight`: int8 per output channel for `_weight_int8pack_mm` (int8 quantization at load).
+
+The CPU kernels are fast only with bf16 activations and amortise poorly over many rows, so a
+matmul with few rows runs the kernel on bf16 inputs and returns the caller's dtype, while a
+matmul with many rows (prefill) dequantizes the weight and runs a dense GEMM in the caller's
+dtype, which costs little next to the GEMM itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmserve.quant.gguf_blocks import GroupQuantized
+
+# Matmuls with at most this many rows use the packed kernels; more rows dequantize and use GEMM.
+KERNEL_MAX_ROWS = 32
+_INT4_BLOCK_N = 32  # rows per block of the CPU int4 packing
+
+
+def _rows_of(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+class KernelOrGemmWeight(nn.Module):
+    """Base of the packed weights that have a fast kernel for few rows."""
+
+    kernel_max_rows = KERNEL_MAX_ROWS  # 0 forces the dequantize-then-GEMM path (deterministic mode)
+
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        return _rows_of(x) <= self.kernel_max_rows
+
+
+class Int4Weight(KernelOrGemmWeight):
+    """Weights of up to 8 bits in groups of 32, run by the CPU int4 kernel.
+
+    4-bit values map directly. Wider values u (up to 255 levels) are split into two nibbles,
+    u = 16 * hi + lo, stored side by side along the input dim with scales 16s and s, and the
+    input is repeated twice: one kernel call, half the bytes of bf16, exact up to bf16 scales.
+    """
+
+    def __init__(self, gq: GroupQuantized):
+        super().__init__()
+        low, high = gq.levels
+        if high - low > 255 or gq.group % 32:
+            raise ValueError(f"values {gq.levels} in groups of {gq.group} do not fit the int4 layout")
+        rows, cols = gq.shape
+        self.out_features, self.in_features, self.group = rows, cols, gq.group
+        u = gq.q.astype(np.int32) - low
+        base = low * gq.scale + (gq.bias if gq.bias is not None else 0.0)  # w = u * scale + base
+        if high - low <= 15:
+            parts = [(u, gq.scale, base + 8 * gq.scale)]
+        else:
+            # Centre the high plane on the kernel's -8 offset so the bf16 zero-points stay small.
+            centre = ((high - low) // 16 + 1) // 2
+            parts = [((u >> 4) - centre + 8, 16 * gq.scale, base + 16 * centre * gq.scale),
+                     (u & 15, gq.scale, 8 * gq.scale)]
+        self.splits = len(parts)
+        padded = -(-rows // _INT4_BLOCK_N) * _INT4_BLOCK_N
+        values = np.zeros((padded, cols * self.splits), dtype=np.int32)
+        values[:rows] = np.concatenate([p[0] for p in parts], axis=1)
+        scale_zero = np.zeros((cols * self.splits // gq.group, padded, 2), dtype=np.float32)
+        scale_zero[:, :rows, 0] = np.concatenate([p[1] for p in parts], axis=1).T
+        scale_zero[:, :rows, 1] = np.concatenate([p[2] for p in parts], axis=1).T
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            torch.from_numpy(values), 1))
+        self.register_buffer("scale_zero", torch.from_numpy(scale_zero).to(torch.bfloat16))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        padded, cols = self.packed.shape[0], self.in_features * self.splits
+        # CPU int4 packing: per block of 32 rows and per column, 16 bytes whose low nibbles are
+        # rows 0-15 of the block and high nibbles rows 16-31.
+        by_block = self.packed.view(padded // _INT4_BLOCK_N, cols, 16)
+        u = torch.cat([by_block & 0x0F, by_block >> 4], dim=2).transpose(1, 2).reshape(padded, cols)
+        scale, zero = self.scale_zero.to(dtype).unbind(-1)  # [groups, padded]
+        w = (u.to(dtype) - 8).view(padded, -1, self.group) * scale.T[..., None] + zero.T[..., None]
+        w = w.view(padded, self.splits, self.in_features)[: self.out_features]
+        return w[:, 0] if self.splits == 1 else w.sum(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.uses_kernel(x):
+            return F.linear(x, self.dequantize(x.dtype))
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        flat = flat.repeat(1, self.splits) if self.splits > 1 else flat.contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
+        out = out[:, : self.out_features].to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class Int8GroupWeight(nn.Module):
+    def __init__(self, gq: GroupQuantized):
+        super().__init__()
+        self.out_features, self.in_features = gq.shape
+        self.group = gq.group
+        self.register_buffer("q", torch.from_numpy(gq.q))
+        self.register_buffer("scale", torch.from_numpy(gq.scale))
+        self.register_buffer("bias", None if gq.bias is None else torch.from_numpy(gq.bias))
+
+    def dequantize_rows(self, rows: torch.Tensor | slice | None = None,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight, or only the given rows of it (embedding lookups)."""
+        q, scale, bias = self.q, self.scale, self.bias
+        if rows is not None:
+            q, scale = q[rows], scale[rows]
+            bias = bias[rows] if bias is not None else None
+        w = q.to(dtype).view(*q.shape[:-1], -1, self.group) * scale.to(dtype)[..., None]
+        if bias is not None:
+            w = w + bias.to(dtype)[..., None]
+        return w.view(q.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.dequantize_rows(None, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(x.dtype))
+
+
+class Int8ChannelWeight(KernelOrGemmWeight):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.q.to(dtype) * self.scale.to(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.uses_kernel(x):
+            return F.linear(x, self.dequantize(x.dtype))
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def quantize_int8_channel(num_rows: int, rows_of, chunk: int = 4096) -> Int8ChannelWeight:
+    """Symmetric int8 per output channel of a weight read `chunk` rows at a time through
+    `rows_of(slice) -> fp32 tensor`, so a large table is never dense all at once."""
+    qs, scales = [], []
+    for start in range(0, num_rows, chunk):
+        w = rows_of(slice(start, min(start + chunk, num_rows))).float()
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        qs.append(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        scales.append(scale)
+    return Int8ChannelWeight(torch.cat(qs), torch.cat(scales))
+
+
+def quantize_int4(weight: torch.Tensor, group: int = 32) -> GroupQuantized:
+    """Asymmetric 4-bit quantization of a dense [out, in] weight in groups of `group` inputs."""
+    rows, cols = weight.shape
+    w = weight.detach().float().reshape(rows, cols // group, group)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((high - low) / 15).clamp_min(1e-12)
+    q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int8)
+    return GroupQuantized(q.reshape(rows, cols).numpy(), scale.numpy(), low.numpy(), group, (0, 15))
+
+
+def pack(gq: GroupQuantized) -> nn.Module:
+    """The fastest packed form that holds `gq` exactly (up to bf16 scales)."""
+    return Int4Weight(gq) if gq.group % 32 == 0 else Int8GroupWeight(gq)
