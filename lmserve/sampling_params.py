@@ -203,3 +203,8 @@ class BeamSearchParams:
         _check("temperature", 0 <= self.temperature < math.inf, "a finite number >= 0", self.temperature)
         _check("early_stopping", isinstance(self.early_stopping, bool) or self.early_stopping == "never",
                'true, false or "never"', self.early_stopping)
+
+    @property
+    def n(self) -> int:
+        """Sequences returned: the beam_width best hypotheses."""
+        return self.beam_width

@@ -171,3 +171,28 @@ def test_bad_beam_parameters_are_refused(tiny):
         SamplingParams(n=3, best_of=2)
     with pytest.raises(InvalidParameterError, match="beam_width"):
         llm.beam_search(PROMPTS[0], BeamSearchParams(beam_width=100), use_tqdm=False)
+
+
+def test_server_returns_the_beams_as_choices(tiny_model_factory, tiny):
+    import httpx
+
+    from lmserve.server.app import build_app
+    from tests.test_server import running
+
+    llm, _ = tiny
+    directory, _ = tiny_model_factory("llama_gqa")
+    expected = llm.beam_search(PROMPTS[0], BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True),
+                               use_tqdm=False)[0]
+    served = LLM(str(directory), dtype="float32", quantization="none", block_size=4)
+    with running(build_app(served.engine, "tiny")) as url:
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 6, "n": 3, "use_beam_search": True,
+                "ignore_eos": True}
+        response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        missing = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": None}, timeout=60)
+    assert response.status_code == 200, response.text
+    choices = response.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    assert [c["text"] for c in choices] == [s.text for s in expected.sequences]
+    assert [c["finish_reason"] for c in choices] == [s.finish_reason for s in expected.sequences]
+    assert response.json()["usage"]["completion_tokens"] == sum(len(s.token_ids) for s in expected.sequences)
+    assert missing.status_code == 400 and "use_beam_search" in missing.text

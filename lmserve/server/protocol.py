@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmserve.errors import InvalidParameterError
-from lmserve.sampling_params import SamplingParams
+from lmserve.sampling_params import BeamSearchParams, SamplingParams
 
 MAX_N = 128
 TokenText = Callable[[int], str]
@@ -49,14 +49,21 @@ class _SamplingRequest(_Request):
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     truncate_prompt_tokens: int | None = None
+    use_beam_search: bool = False  # the n choices are the n best beams
+    length_penalty: float = 1.0  # beam search only
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams | BeamSearchParams:
         if self.n > MAX_N:
             raise InvalidParameterError("n", f"must be at most {MAX_N}, got {self.n}")
+        if self.use_beam_search:
+            if max_tokens is None:
+                raise InvalidParameterError("max_tokens", "is required with use_beam_search")
+            return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, length_penalty=self.length_penalty,
+                                    ignore_eos=self.ignore_eos, temperature=self.temperature)
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
