@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.quant.gguf_blocks import GroupQuantized
-from lmserve.quant.packed import Int4Weight, Int8GroupWeight, pack
+from lmserve.quant import native
+from lmserve.quant.packed import BlockWeight, Int4Weight, Int8GroupWeight, pack
 
 
 
@@ -82,6 +83,9 @@ class LMHead(nn.Module):
 
 
 def _head_from_table(table: Int8GroupWeight) -> torch.nn.Module:
+    ext = native.load()
+    if ext is not None and table.group in (16, 32):
+        return BlockWeight.from_tensors(ext, table.q, table.scale, table.bias, table.group)
     if table.group % 32:
         return table  # no int4 layout for groups this small: dequantize-then-matmul
     low, high = int(table.q.min()), int(table.q.max())

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.quant.gguf_blocks import GroupQuantized
-from lmserve.quant.packed import pack, quantize_int4, quantize_int8_channel
+from lmserve.quant.packed import pack, quantize_int4, quantize_int8
 
 logger = logging.getLogger("lmserve")
 
@@ -79,17 +79,15 @@ class Linear(nn.Module):
             self.weight.data[self.shard_rows(shard)].copy_(torch.from_numpy(gq.dequantize()))
 
     def quantize_(self, mode: str) -> None:
-        """Weight-only quantization of a dense weight: "int8" (per channel) or "int4" (groups of 32)."""
+        """Weight-only quantization of a dense weight in groups of 32 inputs: "int8" (symmetric,
+        like GGUF Q8_0) or "int4" (asymmetric, like Q4_1)."""
         if self.packed is not None:
             return
-        if mode == "int4":
-            if self.in_features % 32:
-                logger.info("int4 needs input sizes divisible by 32; %d-wide layer kept dense", self.in_features)
-                return
-            self.packed = pack(quantize_int4(self.weight.data))
-        else:
-            weight = self.weight.data
-            self.packed = quantize_int8_channel(self.out_features, lambda rows: weight[rows])
+        if self.in_features % 32:
+            logger.info("%s needs input sizes divisible by 32; %d-wide layer kept dense", mode, self.in_features)
+            return
+        quantize = quantize_int4 if mode == "int4" else quantize_int8
+        self.packed = pack(quantize(self.weight.data))
         del self.weight
         self.weight = None
 

@@ -6,7 +6,6 @@
   nibble planes; exact up to the bf16 scales the kernel takes. int4 quantization at load too.
 - `Int8GroupWeight`: int8 values with per-group scales (and offsets): formats whose groups are
   smaller than 32 (Q6_K), and quantized embedding tables, which are gathered row by row.
-- `Int8ChannelWeight`: int8 per output channel for `_weight_int8pack_mm` (int8 quantization at load).
 
 The CPU kernels are fast only with bf16 activations and amortise poorly over many rows, so a
 matmul with few rows runs the kernel on bf16 inputs and returns the caller's dtype, while a
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.quant import native
 from lmserve.quant.gguf_blocks import GroupQuantized
 
 # Matmuls with at most this many rows use the packed kernels; more rows dequantize and use GEMM.
@@ -39,6 +39,78 @@ class KernelOrGemmWeight(nn.Module):
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         return _rows_of(x) <= self.kernel_max_rows
+
+
+class BlockWeight(KernelOrGemmWeight):
+    """Our C++ kernel's storage (`quant/csrc/block_matmul.cpp`): 4-bit values two per byte, or
+    any other format as int8, with fp32 scales and offsets per group of 16 or 32. Activations
+    stay fp32, so both paths match dequantize-then-matmul in fp32 up to summation order: few rows
+    run the kernel, more rows dequantize a slab of rows at a time into a cache-sized scratch
+    buffer and multiply it with GEMM."""
+
+    kernel_max_rows = 8
+    _SCRATCH_ELEMENTS = 1 << 19  # 2 MiB of fp32: one slab stays in cache between its two uses
+    _scratch: torch.Tensor | None = None
+
+    def __init__(self, gq: GroupQuantized, native):
+        super().__init__()
+        self.native = native
+        low, high = gq.levels
+        rows, cols = gq.shape
+        self.out_features, self.in_features, self.group = rows, cols, gq.group
+        if high - low <= 15 and gq.group == 32:
+            self.bits = 4
+            u = (gq.q.astype(np.int16) - low).astype(np.uint8).reshape(rows, cols // 32, 2, 16)
+            values = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(rows, cols // 2)
+            bias = low * gq.scale + (gq.bias if gq.bias is not None else 0.0)
+        else:
+            self.bits, values, bias = 8, gq.q, gq.bias
+        self.register_buffer("q", torch.from_numpy(np.ascontiguousarray(values)))
+        self.register_buffer("scale", torch.from_numpy(np.ascontiguousarray(gq.scale, dtype=np.float32)))
+        self.register_buffer("bias", torch.empty(0) if bias is None else
+                             torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)))
+
+    @classmethod
+    def from_tensors(cls, native, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                     group: int) -> "BlockWeight":
+        """An 8-bit BlockWeight sharing existing int8 storage (a tied LM head reads the table)."""
+        self = cls.__new__(cls)
+        KernelOrGemmWeight.__init__(self)
+        self.native, self.bits, self.group = native, 8, group
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", torch.empty(0) if bias is None else bias)
+        return self
+
+    def _dequantize_into(self, rows: slice, out: torch.Tensor) -> None:
+        bias = self.bias[rows] if self.bias.numel() else self.bias
+        self.native.block_dequantize(self.q[rows], self.scale[rows], bias, self.group, self.bits, out)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out = torch.empty(self.out_features, self.in_features)
+        self._dequantize_into(slice(None), out)
+        return out.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()
+        if self.uses_kernel(flat):
+            out = self.native.block_matmul(flat, self.q, self.scale, self.bias, self.group, self.bits)
+        else:
+            out = self._slab_gemm(flat)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _slab_gemm(self, flat: torch.Tensor) -> torch.Tensor:
+        if BlockWeight._scratch is None:
+            BlockWeight._scratch = torch.empty(self._SCRATCH_ELEMENTS)
+        slab = max(1, self._SCRATCH_ELEMENTS // self.in_features)
+        out_t = torch.empty(self.out_features, flat.shape[0])
+        for start in range(0, self.out_features, slab):
+            rows = slice(start, min(start + slab, self.out_features))
+            weight = BlockWeight._scratch[: (rows.stop - start) * self.in_features].view(-1, self.in_features)
+            self._dequantize_into(rows, weight)
+            torch.mm(weight, flat.t(), out=out_t[rows])
+        return out_t.t().contiguous()
 
 
 class Int4Weight(KernelOrGemmWeight):
@@ -125,36 +197,6 @@ class Int8GroupWeight(nn.Module):
         return F.linear(x, self.dequantize(x.dtype))
 
 
-class Int8ChannelWeight(KernelOrGemmWeight):
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
-        super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.register_buffer("q", q)
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.q.to(dtype) * self.scale.to(dtype)[:, None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.uses_kernel(x):
-            return F.linear(x, self.dequantize(x.dtype))
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).to(x.dtype)
-        return out.view(*x.shape[:-1], self.out_features)
-
-
-def quantize_int8_channel(num_rows: int, rows_of, chunk: int = 4096) -> Int8ChannelWeight:
-    """Symmetric int8 per output channel of a weight read `chunk` rows at a time through
-    `rows_of(slice) -> fp32 tensor`, so a large table is never dense all at once."""
-    qs, scales = [], []
-    for start in range(0, num_rows, chunk):
-        w = rows_of(slice(start, min(start + chunk, num_rows))).float()
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        qs.append(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        scales.append(scale)
-    return Int8ChannelWeight(torch.cat(qs), torch.cat(scales))
-
-
 def quantize_int4(weight: torch.Tensor, group: int = 32) -> GroupQuantized:
     """Asymmetric 4-bit quantization of a dense [out, in] weight in groups of `group` inputs."""
     rows, cols = weight.shape
@@ -165,6 +207,19 @@ def quantize_int4(weight: torch.Tensor, group: int = 32) -> GroupQuantized:
     return GroupQuantized(q.reshape(rows, cols).numpy(), scale.numpy(), low.numpy(), group, (0, 15))
 
 
+def quantize_int8(weight: torch.Tensor, group: int = 32) -> GroupQuantized:
+    """Symmetric 8-bit quantization in groups of `group` inputs (GGUF's Q8_0 scheme)."""
+    rows, cols = weight.shape
+    w = weight.detach().float().reshape(rows, cols // group, group)
+    scale = (w.abs().amax(dim=-1) / 127).clamp_min(1e-12)
+    q = torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return GroupQuantized(q.reshape(rows, cols).numpy(), scale.numpy(), None, group, (-127, 127))
+
+
 def pack(gq: GroupQuantized) -> nn.Module:
-    """The fastest packed form that holds `gq` exactly (up to bf16 scales)."""
+    """The fastest packed form that holds `gq`: our kernel when it builds on this machine, else
+    PyTorch's int4 kernel (exact up to bf16 scales), else int8 groups."""
+    ext = native.load()
+    if ext is not None and gq.group in (16, 32):
+        return BlockWeight(gq, ext)
     return Int4Weight(gq) if gq.group % 32 == 0 else Int8GroupWeight(gq)
