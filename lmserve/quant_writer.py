@@ -29,7 +29,7 @@ from lmserve.errors import InvalidParameterError, ModelLoadError
 
 logger = logging.getLogger("lmserve")
 
-QUANT_TYPE_NAMES = ("q4_k", "q8_0", "q4_0", "q4_1", "q5_0")
+QUANT_TYPE_NAMES = ("q4_k", "q8_0", "q4_0", "q4_1", "q5_0", "f16", "f32")  # f16/f32: dequantized copies
 
 QK_K = 256  # elements in a k-quant super-block
 _Q4_K_SUB = 32  # elements in one of its 8 sub-blocks
@@ -118,7 +118,7 @@ def pack(array: np.ndarray, qtype) -> np.ndarray:
     return quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
 
 _FILE_TYPES = {"q4_k": "MOSTLY_Q4_K_S", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1",
-               "q5_0": "MOSTLY_Q5_0"}
+               "q5_0": "MOSTLY_Q5_0", "f16": "MOSTLY_F16", "f32": "ALL_F32"}
 
 
 # ---- sources -------------------------------------------------------------------------------

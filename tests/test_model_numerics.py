@@ -1,5 +1,7 @@
 """lmserve's logits and greedy tokens against transformers on the same random weights."""
 
+import copy
+
 import pytest
 import torch
 
@@ -82,8 +84,8 @@ def test_bf16_logits_close_to_transformers_bf16(tiny_model_factory):
     recorder = LogitRecorder(llm.engine.sampler)
     llm.engine.sampler = recorder
     llm.generate([PROMPT], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
-    reference = hf_logits(hf_model.to(torch.bfloat16), PROMPT)[-1]
-    hf_model.to(torch.float32)
+    # A copy: Module.to works in place, and a bf16 round trip would change the shared fp32 model.
+    reference = hf_logits(copy.deepcopy(hf_model).to(torch.bfloat16), PROMPT)[-1]
     assert (recorder.rows[0][0] - reference).abs().max().item() < 0.05
 
 

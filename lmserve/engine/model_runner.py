@@ -99,6 +99,8 @@ class ModelRunner:
             members = [i for i, r in enumerate(scheduled) if (r.num_tokens == 1) == is_decode]
             if members:
                 groups.append(self._group([scheduled[i] for i in members], [starts[i] for i in members]))
+        if len(groups) == 1 and groups[0].token_index.numel() == len(input_ids):
+            groups[0].covers_step = True
         dev = self.device
         meta = AttentionMetadata(torch.tensor(slots, device=dev), groups, len(input_ids))
         hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta)

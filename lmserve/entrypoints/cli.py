@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(logged with -v).")
     quant.add_argument("input", help="GGUF file or Hugging Face model directory")
     quant.add_argument("output", help="GGUF file to write")
-    quant.add_argument("--type", required=True, help="q4_k, q8_0, q4_0, q4_1 or q5_0")
+    quant.add_argument("--type", required=True,
+                       help="q4_k, q8_0, q4_0, q4_1, q5_0, or f16 / f32 (a dequantized copy, e.g. a reference)")
 
     add_bench_parser(sub)
     return parser

@@ -28,6 +28,9 @@ class AttentionGroup:
     query_pos: torch.Tensor  # [B, Q] absolute position of each query token
     kv_slots: torch.Tensor  # [B, K] cache slot of each context position (padding: slot 0)
     key_pos: torch.Tensor  # [B, K] absolute position of each key; padding is larger than any query
+    # True when the group's B x Q queries are the step's tokens in order with no padding (a pure
+    # decode step, or one prompt chunk): the query and output need no gather or scatter.
+    covers_step: bool = False
     _masks: dict = field(default_factory=dict)
 
     def mask(self, sliding_window: int | None) -> torch.Tensor:
@@ -98,12 +101,17 @@ class PagedAttention(nn.Module):
         self._write(1, v, meta.slot_mapping)
         out = q.new_empty(q.shape)
         for group in meta.groups:
-            qg = q[group.token_index].transpose(1, 2)  # [B, H, Q, D]
+            if group.covers_step:
+                qg = q.view(*group.token_index.shape, *q.shape[1:]).transpose(1, 2)
+            else:
+                qg = q[group.token_index].transpose(1, 2)  # [B, H, Q, D]
             kg = self._read(0, group.kv_slots, q.dtype)
             vg = self._read(1, group.kv_slots, q.dtype)
             og = F.scaled_dot_product_attention(
                 qg, kg, vg, attn_mask=group.mask(self.sliding_window), scale=self.scale,
                 enable_gqa=self.num_kv_heads != self.num_heads)
             og = og.transpose(1, 2)  # [B, Q, H, D]
+            if group.covers_step:
+                return og.reshape(q.shape[0], -1)
             out[group.token_index[group.query_valid]] = og[group.query_valid]
         return out.reshape(q.shape[0], -1)
