@@ -75,8 +75,9 @@ def test_packed_matmul_equals_fp32_dequantized_matmul(form, type_name, rows, bat
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
     expected = x @ torch.from_numpy(reference).T
     error = (weight(x) - expected).abs().max() / expected.abs().max()
-    # The native kernel keeps fp32 activations and scales: only summation order differs.
-    tolerance = 1e-5 if isinstance(weight, BlockWeight) else MATMUL_TOLERANCE
+    # The native kernel keeps fp32 scales and carries activations as int16 per group of 32
+    # (2^-16 of the group's largest value): ~3e-5 measured, against ~4e-3 for bf16 activations.
+    tolerance = 1e-4 if isinstance(weight, BlockWeight) else MATMUL_TOLERANCE
     assert error <= tolerance, f"relative error {error:.2e}"
     bf16_rounding = 0 if isinstance(weight, BlockWeight) else float(np.abs(reference).max()) * 2**-7
     torch.testing.assert_close(weight.dequantize(), torch.from_numpy(reference), rtol=0, atol=bf16_rounding)

@@ -33,13 +33,17 @@ class LlamaAttention(nn.Module):
         self.qk_norm = cfg.qk_norm
 
     def forward(self, x, rotary: RotaryEmbedding, cos, sin, meta: AttentionMetadata):
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        v = qkv[:, (heads + kv_heads) * dim:].view(-1, kv_heads, dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+            q, k, _ = self.qkv_proj.split(qkv)
+            q = self.q_norm(q.view(-1, heads, dim))
+            k = self.k_norm(k.view(-1, kv_heads, dim))
+            q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        else:  # q and k heads side by side: one rotary call
+            qk = rotary(qkv[:, : (heads + kv_heads) * dim].view(-1, heads + kv_heads, dim), cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
         return self.o_proj(self.attn(q, k, v, meta))
 
 

@@ -32,7 +32,8 @@ def load():
     logger.info("loading the block-quantized matmul extension (compiled on first use, ~1 min)...")
     try:
         module = cpp_extension.load(name="lmserve_block_matmul", sources=[str(_SOURCE)],
-                                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
+                                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler or ninja: the PyTorch kernel path still works
         logger.warning("could not build the block-quantized matmul (%s); using PyTorch's int4 kernel",
                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
