@@ -39,6 +39,8 @@ def _step(x: np.ndarray, qtype) -> np.ndarray:
     with the clipping each format allows)."""
     if qtype == Q.Q4_K:
         return np.repeat(_q4_k_error_bound(x), 32, axis=-1).reshape(x.shape)
+    if qtype in (Q.F32, Q.F16):  # float copies: at most fp16's rounding
+        return np.abs(x) * (0 if qtype == Q.F32 else 2**-11) + 1e-7
     blocks = x.reshape(-1, 32)
     amax = np.abs(blocks).max(-1, keepdims=True)
     step = {Q.Q8_0: amax / 127, Q.Q4_0: amax / 8, Q.Q5_0: amax / 16,
