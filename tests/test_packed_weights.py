@@ -174,6 +174,8 @@ def test_smollm2_packed_greedy_replies_equal_the_fp32_path(smollm2_pair):
 def test_packed_outputs_do_not_depend_on_the_batch(smollm2_pair):
     """Few rows run the kernel and many rows GEMM, both in fp32: a reply alone equals the same
     reply in a batch (deterministic=True forces GEMM everywhere, for the bf16 fallback kernel)."""
+    if native.load() is None:
+        pytest.skip("the C++ block matmul did not build here; the bf16 fallback needs deterministic=True")
     llm = smollm2_pair[0]
     params = SamplingParams(max_tokens=24, temperature=0)
     conversations = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS]
