@@ -99,7 +99,7 @@ class PagedAttention(nn.Module):
         """q: [T, H, D], k/v: [T, Hkv, D] for the step's tokens; returns [T, H*D]."""
         self._write(0, k, meta.slot_mapping)
         self._write(1, v, meta.slot_mapping)
-        out = q.new_empty(q.shape)
+        out = None  # filled group by group unless one group covers the step
         for group in meta.groups:
             if group.covers_step:
                 qg = q.view(*group.token_index.shape, *q.shape[1:]).transpose(1, 2)
@@ -113,5 +113,7 @@ class PagedAttention(nn.Module):
             og = og.transpose(1, 2)  # [B, Q, H, D]
             if group.covers_step:
                 return og.reshape(q.shape[0], -1)
+            if out is None:
+                out = q.new_empty(q.shape)
             out[group.token_index[group.query_valid]] = og[group.query_valid]
         return out.reshape(q.shape[0], -1)

@@ -6,13 +6,13 @@ the tied embedding's — multiplies through the packed int4 kernel (`quant.packe
 which holds formats of up to 8 bits as nibble planes; a tied head keeps its own packed copy).
 """
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.quant.gguf_blocks import GroupQuantized
+from lmserve.layers.linear import copy_checked
 from lmserve.quant import native
+from lmserve.quant.gguf_blocks import GroupQuantized
 from lmserve.quant.packed import BlockWeight, Int4Weight, Int8GroupWeight, pack
 
 
@@ -34,7 +34,7 @@ class VocabEmbedding(nn.Module):
             del self.weight
             self.weight = None
         else:
-            _copy_checked(self.weight.data, tensor)
+            copy_checked(self.weight.data, tensor, param_name)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -69,7 +69,7 @@ class LMHead(nn.Module):
             del self.weight
             self.weight = None
         else:
-            _copy_checked(self.weight.data, tensor)
+            copy_checked(self.weight.data, tensor, param_name)
 
     def finish_loading(self) -> None:
         if self.tied_to is not None and self.tied_to.packed is not None and self.packed is None:
@@ -91,9 +91,3 @@ def _head_from_table(table: Int8GroupWeight) -> torch.nn.Module:
     low, high = int(table.q.min()), int(table.q.max())
     bias = None if table.bias is None else table.bias.numpy()
     return Int4Weight(GroupQuantized(table.q.numpy(), table.scale.numpy(), bias, table.group, (low, high)))
-
-
-def _copy_checked(target: torch.Tensor, tensor: torch.Tensor) -> None:
-    if tuple(target.shape) != tuple(tensor.shape):
-        raise ValueError(f"shape mismatch: checkpoint has {tuple(tensor.shape)}, model expects {tuple(target.shape)}")
-    target.copy_(tensor)

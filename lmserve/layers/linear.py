@@ -59,9 +59,9 @@ class Linear(nn.Module):
                 self._pending[shard] = tensor
                 return
         target = getattr(self, param_name).data
-        if param_name == "weight" or shard is not None:
-            target = target[self.shard_rows(shard)] if shard is not None else target
-        _copy_checked(target, tensor, f"{param_name}[{shard}]" if shard else param_name)
+        if shard is not None:
+            target = target[self.shard_rows(shard)]
+        copy_checked(target, tensor, f"{param_name}[{shard}]" if shard else param_name)
 
     def finish_loading(self) -> None:
         """Pack the quantized shards once all have arrived (a fused weight whose shards came
@@ -143,7 +143,7 @@ def _check_shape(rows: slice, cols: int, shape: tuple[int, ...], what: str) -> N
         raise ValueError(f"shape mismatch for {what}: checkpoint has {tuple(shape)}, model expects {expected}")
 
 
-def _copy_checked(target: torch.Tensor, tensor: torch.Tensor, what: str) -> None:
+def copy_checked(target: torch.Tensor, tensor: torch.Tensor, what: str) -> None:
     if tuple(target.shape) != tuple(tensor.shape):
         raise ValueError(f"shape mismatch for {what}: checkpoint has {tuple(tensor.shape)}, "
                          f"model expects {tuple(target.shape)}")
