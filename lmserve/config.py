@@ -162,12 +162,15 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # auto (the compute dtype), int8 or fp8 (e4m3)
-    # auto: keep a GGUF file's packed formats (computing in bf16), dense weights otherwise;
+    # auto: keep a GGUF file's packed formats on the CPU, dense weights otherwise;
     # none: dequantize everything to `dtype`; int8 / int4: weight-only quantization at load.
     quantization: str = "auto"
-    # Packed CPU kernels run small batches in bf16 and large ones as fp32 GEMM, so a request's
-    # numerics can depend on the batch it shares; True runs every batch the fp32 way instead.
+    # Packed CPU weights run small batches through the block kernel and large ones as a
+    # dequantize-then-GEMM, which round differently, so a request's numerics can depend on the
+    # batch it shares; True runs every batch the GEMM way instead (and turns fused decode off).
     deterministic: bool = False
+    # Run decode steps through the PyTorch modules even where the fused native decoder applies.
+    enforce_eager: bool = False
     seed: int = 0
     # When KV blocks run out: "recompute" frees a victim's blocks and prefills it again later;
     # "swap" copies them to `swap_space` bytes of host memory (a memory-mapped file for a CPU cache).

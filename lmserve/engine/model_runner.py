@@ -16,6 +16,7 @@ from lmserve.config import EngineConfig, ModelConfig
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.scheduler import ScheduledSequence
 from lmserve.layers.attention import AttentionGroup, AttentionMetadata
+from lmserve.models.llama_fused import FusedLlamaDecode
 
 logger = logging.getLogger("lmserve")
 
@@ -54,6 +55,7 @@ class ModelRunner:
             packed = model_config.kv_bytes_per_token(engine_config.kv_torch_dtype, quantized=True)
             logger.info("%s KV cache holds %.2fx the tokens of a %s cache in the same memory",
                         engine_config.kv_cache_dtype, plain / packed, str(self.dtype).replace("torch.", ""))
+        self.fused_decode = FusedLlamaDecode.build(model, engine_config)
 
     def _group(self, rows: list[ScheduledSequence], starts: list[int]) -> AttentionGroup:
         n = torch.tensor([r.num_tokens for r in rows])
@@ -102,8 +104,11 @@ class ModelRunner:
         if len(groups) == 1 and groups[0].token_index.numel() == len(input_ids):
             groups[0].covers_step = True
         dev = self.device
-        meta = AttentionMetadata(torch.tensor(slots, device=dev), groups, len(input_ids))
-        hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta)
+        ids, pos = torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev)
+        if self.fused_decode is not None and FusedLlamaDecode.applies_to(groups):
+            hidden = self.fused_decode.forward(ids, pos, groups[0])
+        else:
+            hidden = self.model(ids, pos, AttentionMetadata(torch.tensor(slots, device=dev), groups, len(input_ids)))
         return self.model.compute_logits(hidden[torch.tensor(sample_index, dtype=torch.long, device=dev)])
 
     # ---- block copies and the swap tier (queued by the block manager, run before a forward) ----

@@ -31,6 +31,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="run packed weights the same way at every batch size, so a request's tokens do not "
                         "depend on what it is batched with (slower decode)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps through the PyTorch modules instead of the fused native decoder")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -121,7 +123,7 @@ def _llm(args):
     return LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
                max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-               deterministic=args.deterministic)
+               deterministic=args.deterministic, enforce_eager=args.enforce_eager)
 
 
 def _params(args):

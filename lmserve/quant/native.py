@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger("lmserve")
-_SOURCE = Path(__file__).parent / "csrc" / "block_matmul.cpp"
+_SOURCES = sorted(str(p) for p in (Path(__file__).parent / "csrc").glob("*.cpp"))
 
 
 @cache
@@ -31,8 +31,8 @@ def load():
     start = time.perf_counter()
     logger.info("loading the block-quantized matmul extension (compiled on first use, ~1 min)...")
     try:
-        module = cpp_extension.load(name="lmserve_block_matmul", sources=[str(_SOURCE)],
-                                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+        module = cpp_extension.load(name="lmserve_block_matmul", sources=_SOURCES,
+                                    extra_cflags=["-O3", "-std=c++20", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler or ninja: the PyTorch kernel path still works
         logger.warning("could not build the block-quantized matmul (%s); using PyTorch's int4 kernel",

@@ -1,30 +1,150 @@
-// Matmul and dequantization over block-quantized weights, for the CPU fast path.
-//
-// A weight [N, K] is stored as small integers per row with one fp32 scale (and optional fp32
-// offset) per group of `group` consecutive columns: w[n, k] = q[n, k] * scale[n, g] + bias[n, g].
-// Two storages: 4-bit (`bits` = 4, uint8 [N, K/2]; in each 32-column block byte j holds column j
-// in its low nibble and column j + 16 in its high nibble, as GGUF's Q4 formats do) and 8-bit
-// (`bits` = 8, int8 [N, K]). Activations enter as fp32 and are carried as int16 per group, so
-// results match dequantize-then-matmul in fp32 to about 1e-5 relative. The matmul is meant for
-// few rows (decode); each weight group is widened once and multiplied into up to kRowTile
-// activation rows. Requires AVX2 and FMA; threads come from PyTorch's intra-op pool (OpenMP).
+// Matmul and dequantization over block-quantized weights (layout in block_kernels.h), for the
+// CPU fast path. Activations enter as fp32 and are carried as int16 per row and group (relative
+// error 2^-16 of the group's largest value, far below bf16's 2^-9), so each group's dot product
+// is integer multiply-adds (vpmaddwd) with one conversion to float per group; results match
+// dequantize-then-matmul in fp32 to about 1e-5 relative. Requires AVX2 and FMA; threads come
+// from PyTorch's intra-op pool (OpenMP).
+#include "block_kernels.h"
+
 #include <immintrin.h>
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
+namespace lmserve {
 namespace {
-
-constexpr int kRowTile = 4;
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// sum_i a[i] * b[i] in a fixed order (8 lanes, then the tail).
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float total = hsum(acc);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// Activations of M rows quantized per group: int16 values, their scale and (for the offset term,
+// sum_k x * bias = bias * sum_k x) the exact fp32 sum.
+struct QuantizedActivations {
+  std::vector<int16_t> q;
+  std::vector<float> scale, sum;
+  int64_t K, G;
+};
+
+QuantizedActivations quantize_activations(const float* x, int64_t M, int64_t K, int64_t group) {
+  QuantizedActivations a{std::vector<int16_t>(M * K), std::vector<float>(M * K / group),
+                         std::vector<float>(M * K / group), K, K / group};
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t i = 0; i < M * a.G; ++i) {
+    const float* v = x + i * group;
+    __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+    for (int64_t k = 0; k < group; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(v + k);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, xv));
+      sum = _mm256_add_ps(sum, xv);
+    }
+    const float m = hmax(amax);
+    const float scale = m > 0.0f ? m / 32767.0f : 1.0f;
+    const __m256 inv = _mm256_set1_ps(1.0f / scale);
+    for (int64_t k = 0; k < group; k += 16) {
+      // cvtps rounds to nearest even; packs interleaves 128-bit lanes, the permute restores order.
+      const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k), inv));
+      const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k + 8), inv));
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q.data() + i * group + k), packed);
+    }
+    a.scale[i] = scale;
+    a.sum[i] = hsum(sum);
+  }
+  return a;
+}
+
+// The weights of one group widened to int16: 16 columns per register.
+template <int BITS, int GROUP>
+inline void load_group_i16(const uint8_t* row, int64_t k0, __m256i* w) {
+  if constexpr (BITS == 4) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0 / 2));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    w[0] = _mm256_cvtepu8_epi16(_mm_and_si128(packed, mask));                     // columns 0-15
+    w[1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), mask));  // columns 16-31
+  } else {
+    for (int i = 0; i < GROUP / 16; ++i)
+      w[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0 + 16 * i)));
+  }
+}
+
+// Outputs for NT weight rows from n0 and R activation rows from m0. Every (row, output) pair has
+// its own accumulator fed group by group in order, so a value does not depend on the tile shape;
+// the NT x R independent chains hide the FMA latency.
+template <int BITS, int GROUP, int NT, int R>
+inline void tile(const QuantizedActivations& a, int64_t m0, const BlockMatrix& w, int64_t n0, float* out) {
+  constexpr int kRegs = GROUP / 16;
+  const int64_t K = w.K, G = a.G, row_bytes = BITS == 4 ? K / 2 : K;
+  __m256 acc[NT][R];
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    for (int t = 0; t < NT; ++t) {
+      __m256i wv[kRegs];
+      load_group_i16<BITS, GROUP>(w.q + (n0 + t) * row_bytes, g * GROUP, wv);
+      const float ws = w.scale[(n0 + t) * G + g];
+      for (int r = 0; r < R; ++r) {
+        const __m256i* xr = reinterpret_cast<const __m256i*>(a.q.data() + (m0 + r) * K + g * GROUP);
+        __m256i dot = _mm256_madd_epi16(wv[0], _mm256_loadu_si256(xr));
+        if constexpr (kRegs == 2) dot = _mm256_add_epi32(dot, _mm256_madd_epi16(wv[1], _mm256_loadu_si256(xr + 1)));
+        const __m256 s = _mm256_set1_ps(ws * a.scale[(m0 + r) * G + g]);
+        acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[t][r]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    for (int r = 0; r < R; ++r) {
+      float total = hsum(acc[t][r]);
+      if (w.bias != nullptr) total += dot_f32(w.bias + (n0 + t) * G, a.sum.data() + (m0 + r) * G, G);
+      out[(m0 + r) * w.N + n0 + t] = total;
+    }
+  }
+}
+
+// Weight rows [begin, end) against all M activation rows: activation rows in tiles of 4 (each
+// weight group is widened once per tile); with fewer rows, several weight rows per tile instead.
+template <int BITS, int GROUP>
+void matmul_rows(const QuantizedActivations& a, int64_t M, const BlockMatrix& w, float* out, int64_t begin,
+                 int64_t end) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) {
+    int64_t n = begin;
+    for (; n + 2 <= end; n += 2) tile<BITS, GROUP, 2, 4>(a, m0, w, n, out);
+    for (; n < end; ++n) tile<BITS, GROUP, 1, 4>(a, m0, w, n, out);
+  }
+  const int64_t rest = M - m0;
+  int64_t n = begin;
+  if (rest == 1) {
+    for (; n + 4 <= end; n += 4) tile<BITS, GROUP, 4, 1>(a, m0, w, n, out);
+    for (; n < end; ++n) tile<BITS, GROUP, 1, 1>(a, m0, w, n, out);
+  } else if (rest == 2) {
+    for (; n + 2 <= end; n += 2) tile<BITS, GROUP, 2, 2>(a, m0, w, n, out);
+    for (; n < end; ++n) tile<BITS, GROUP, 1, 2>(a, m0, w, n, out);
+  } else if (rest == 3) {
+    for (; n + 2 <= end; n += 2) tile<BITS, GROUP, 2, 3>(a, m0, w, n, out);
+    for (; n < end; ++n) tile<BITS, GROUP, 1, 3>(a, m0, w, n, out);
+  }
 }
 
 inline __m256 bytes_to_floats(__m128i eight_bytes_low, bool is_signed) {
@@ -36,7 +156,6 @@ inline __m256 bytes_to_floats(__m128i eight_bytes_low, bool is_signed) {
 template <int BITS, int GROUP>
 inline void unpack_group(const uint8_t* row, int64_t k0, __m256* w) {
   if constexpr (BITS == 4) {
-    // GROUP is 32: 16 bytes, low nibbles are columns 0-15, high nibbles 16-31
     __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0 / 2));
     __m128i mask = _mm_set1_epi8(0x0F);
     __m128i lo = _mm_and_si128(packed, mask);
@@ -53,157 +172,92 @@ inline void unpack_group(const uint8_t* row, int64_t k0, __m256* w) {
   }
 }
 
-void check(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& bias, int64_t group,
-           int64_t bits) {
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
-  TORCH_CHECK(bits == 8 ? (group == 16 || group == 32) : group == 32, "unsupported group size");
-  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == torch::kFloat32);
-  TORCH_CHECK(!bias.defined() || bias.numel() == 0 || (bias.is_contiguous() && bias.sizes() == scale.sizes()));
+template <int BITS, int GROUP>
+void dequantize_rows(const BlockMatrix& w, float* op, int64_t begin, int64_t end) {
+  const int64_t K = w.K, G = K / GROUP, row_bytes = BITS == 4 ? K / 2 : K;
+  for (int64_t n = begin; n < end; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 v[GROUP / 8];
+      unpack_group<BITS, GROUP>(w.q + n * row_bytes, g * GROUP, v);
+      const __m256 s = _mm256_set1_ps(w.scale[n * G + g]);
+      const __m256 b = _mm256_set1_ps(w.bias != nullptr ? w.bias[n * G + g] : 0.0f);
+      for (int i = 0; i < GROUP / 8; ++i) _mm256_storeu_ps(op + n * K + g * GROUP + 8 * i, _mm256_fmadd_ps(v[i], s, b));
+    }
+  }
+}
+
+// Calls f.template operator()<BITS, GROUP>() for the matrix's storage.
+template <typename F>
+void dispatch(const BlockMatrix& w, F&& f) {
+  if (w.bits == 4) {
+    f.template operator()<4, 32>();
+  } else if (w.group == 32) {
+    f.template operator()<8, 32>();
+  } else {
+    f.template operator()<8, 16>();
+  }
 }
 
 }  // namespace
 
-// The weights of one group widened to int16: 16 columns per register.
-template <int BITS, int GROUP>
-inline void load_group_i16(const uint8_t* row, int64_t k0, __m256i* w) {
-  if constexpr (BITS == 4) {
-    __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0 / 2));
-    __m128i mask = _mm_set1_epi8(0x0F);
-    w[0] = _mm256_cvtepu8_epi16(_mm_and_si128(packed, mask));                      // columns 0-15
-    w[1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), mask));   // columns 16-31
-  } else {
-    for (int i = 0; i < GROUP / 16; ++i)
-      w[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0 + 16 * i)));
-  }
+BlockMatrix block_matrix(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& bias,
+                         int64_t group, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(bits == 8 ? (group == 16 || group == 32) : group == 32, "unsupported group size");
+  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == torch::kFloat32);
+  const bool has_bias = bias.defined() && bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.is_contiguous() && bias.sizes() == scale.sizes()));
+  const int64_t N = scale.size(0), K = scale.size(1) * group;
+  TORCH_CHECK(q.numel() == N * K * bits / 8, "packed values do not match the scales' shape");
+  return BlockMatrix{reinterpret_cast<const uint8_t*>(q.data_ptr()), scale.data_ptr<float>(),
+                     has_bias ? bias.data_ptr<float>() : nullptr, N, K, group, static_cast<int>(bits)};
 }
 
-// Activations are quantized to int16 per row and group (relative error 2^-16 of the group's
-// largest value, far below bf16's 2^-9) so each group's dot product is integer multiply-adds
-// (vpmaddwd) with one conversion to float per group instead of one per 8 weights.
-template <int BITS, int GROUP>
-void matmul_rows(const int16_t* xq, const float* xs, const uint8_t* qp, const float* sp, const float* bp,
-                 const float* xsum, float* op, int64_t M, int64_t N, int64_t K, int64_t begin, int64_t end) {
-  constexpr int kRegs = GROUP / 16;
-  const int64_t G = K / GROUP, row_bytes = BITS == 4 ? K / 2 : K;
-  for (int64_t n = begin; n < end; ++n) {
-    const uint8_t* row = qp + n * row_bytes;
-    const float* srow = sp + n * G;
-    for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-      const int rows = static_cast<int>(std::min<int64_t>(kRowTile, M - m0));
-      // Two accumulators per row (even and odd groups) keep the FMA dependency chains short.
-      __m256 acc[kRowTile][2];
-      for (int r = 0; r < kRowTile; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-      for (int64_t g = 0; g < G; ++g) {
-        __m256i w[kRegs];
-        load_group_i16<BITS, GROUP>(row, g * GROUP, w);
-        for (int r = 0; r < rows; ++r) {
-          const int64_t m = m0 + r;
-          const __m256i* xr = reinterpret_cast<const __m256i*>(xq + m * K + g * GROUP);
-          __m256i dot = _mm256_madd_epi16(w[0], _mm256_loadu_si256(xr));
-          if constexpr (kRegs == 2) dot = _mm256_add_epi32(dot, _mm256_madd_epi16(w[1], _mm256_loadu_si256(xr + 1)));
-          const __m256 s = _mm256_set1_ps(srow[g] * xs[m * G + g]);
-          acc[r][g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[r][g & 1]);
-        }
-      }
-      for (int r = 0; r < rows; ++r) {
-        float total = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-        if (bp != nullptr) {
-          const float* brow = bp + n * G;
-          const float* sums = xsum + (m0 + r) * G;
-          for (int64_t g = 0; g < G; ++g) total += brow[g] * sums[g];
-        }
-        op[(m0 + r) * N + n] = total;
-      }
-    }
-  }
+void block_matmul_into(const float* x, int64_t M, const BlockMatrix& w, float* out) {
+  const QuantizedActivations a = quantize_activations(x, M, w.K, w.group);
+  // Chunks of whole 4-row weight tiles; a chunk per thread unless the matrix is tiny.
+  const int64_t grain = std::max<int64_t>(16, (w.N / at::get_num_threads() + 3) / 4 * 4);
+  at::parallel_for(0, w.N, grain, [&](int64_t begin, int64_t end) {
+    dispatch(w, [&]<int BITS, int GROUP>() { matmul_rows<BITS, GROUP>(a, M, w, out, begin, end); });
+  });
 }
+
+}  // namespace lmserve
+
+namespace {
 
 // x [M, K] fp32, returns [M, N] fp32.
 torch::Tensor block_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor bias,
                            int64_t group, int64_t bits) {
-  check(q, scale, bias, group, bits);
+  const lmserve::BlockMatrix w = lmserve::block_matrix(q, scale, bias, group, bits);
   x = x.contiguous();
   TORCH_CHECK(x.scalar_type() == torch::kFloat32, "activations must be fp32");
-  const int64_t M = x.size(0), K = x.size(1), N = scale.size(0), G = scale.size(1);
-  TORCH_CHECK(G * group == K, "weight has ", G * group, " columns, input has ", K);
-  const bool has_bias = bias.defined() && bias.numel() > 0;
-  auto out = torch::empty({M, N}, x.options());
-  // Per row and group: the int16 activations, their scale, and (for the offset term,
-  // sum_k x * bias = bias * sum_k x) the exact fp32 sum. Plain loops: this is M x K values,
-  // and a chain of small tensor ops would cost more than the matmul at batch 1.
-  std::vector<int16_t> xq(M * K);
-  std::vector<float> xscale(M * G), xsum(M * G);
-  const float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < M * G; ++i) {
-    const float* v = xp + i * group;
-    float amax = 0.0f, sum = 0.0f;
-    for (int64_t k = 0; k < group; ++k) {
-      amax = std::max(amax, std::abs(v[k]));
-      sum += v[k];
-    }
-    const float scale = amax > 0.0f ? amax / 32767.0f : 1.0f;
-    for (int64_t k = 0; k < group; ++k) xq[i * group + k] = static_cast<int16_t>(std::nearbyint(v[k] / scale));
-    xscale[i] = scale;
-    xsum[i] = sum;
-  }
-  const int16_t* xqp = xq.data();
-  const float* xsp = xscale.data();
-  const float* sp = scale.data_ptr<float>();
-  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  const float* sums = xsum.data();
-  const uint8_t* qp = reinterpret_cast<const uint8_t*>(q.data_ptr());
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    if (bits == 4) {
-      matmul_rows<4, 32>(xqp, xsp, qp, sp, bp, sums, op, M, N, K, begin, end);
-    } else if (group == 32) {
-      matmul_rows<8, 32>(xqp, xsp, qp, sp, bp, sums, op, M, N, K, begin, end);
-    } else {
-      matmul_rows<8, 16>(xqp, xsp, qp, sp, bp, sums, op, M, N, K, begin, end);
-    }
-  });
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.K, "weight has ", w.K, " columns, input has ", x.size(-1));
+  auto out = torch::empty({x.size(0), w.N}, x.options());
+  lmserve::block_matmul_into(x.data_ptr<float>(), x.size(0), w, out.data_ptr<float>());
   return out;
-}
-
-template <int BITS, int GROUP>
-void dequantize_rows(const uint8_t* qp, const float* sp, const float* bp, float* op, int64_t K, int64_t begin,
-                     int64_t end) {
-  const int64_t G = K / GROUP, row_bytes = BITS == 4 ? K / 2 : K;
-  for (int64_t n = begin; n < end; ++n) {
-    for (int64_t g = 0; g < G; ++g) {
-      __m256 w[GROUP / 8];
-      unpack_group<BITS, GROUP>(qp + n * row_bytes, g * GROUP, w);
-      const __m256 s = _mm256_set1_ps(sp[n * G + g]);
-      const __m256 b = _mm256_set1_ps(bp != nullptr ? bp[n * G + g] : 0.0f);
-      for (int i = 0; i < GROUP / 8; ++i) _mm256_storeu_ps(op + n * K + g * GROUP + 8 * i, _mm256_fmadd_ps(w[i], s, b));
-    }
-  }
 }
 
 // Writes the dense fp32 weight [N, K] into `out` (a reused buffer: fresh large allocations
 // would page-fault on every call).
 void block_dequantize(torch::Tensor q, torch::Tensor scale, torch::Tensor bias, int64_t group, int64_t bits,
                       torch::Tensor out) {
-  check(q, scale, bias, group, bits);
-  const int64_t N = scale.size(0), G = scale.size(1), K = G * group;
-  TORCH_CHECK(out.is_contiguous() && out.numel() == N * K && out.scalar_type() == torch::kFloat32);
-  const bool has_bias = bias.defined() && bias.numel() > 0;
-  const uint8_t* qp = reinterpret_cast<const uint8_t*>(q.data_ptr());
-  const float* sp = scale.data_ptr<float>();
-  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  const lmserve::BlockMatrix w = lmserve::block_matrix(q, scale, bias, group, bits);
+  TORCH_CHECK(out.is_contiguous() && out.numel() == w.N * w.K && out.scalar_type() == torch::kFloat32);
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    if (bits == 4) {
-      dequantize_rows<4, 32>(qp, sp, bp, op, K, begin, end);
-    } else if (group == 32) {
-      dequantize_rows<8, 32>(qp, sp, bp, op, K, begin, end);
-    } else {
-      dequantize_rows<8, 16>(qp, sp, bp, op, K, begin, end);
-    }
+  at::parallel_for(0, w.N, 16, [&](int64_t begin, int64_t end) {
+    lmserve::dispatch(w, [&]<int BITS, int GROUP>() { lmserve::dequantize_rows<BITS, GROUP>(w, op, begin, end); });
   });
 }
 
+}  // namespace
+
+namespace lmserve {
+void bind_llama_decode(pybind11::module& m);  // llama_decode.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  lmserve::bind_llama_decode(m);
   m.def("block_matmul", &block_matmul, "x @ W^T for a block-quantized W (fp32 activations)");
   m.def("block_dequantize", &block_dequantize, "dense fp32 copy of a block-quantized weight, into out");
 }

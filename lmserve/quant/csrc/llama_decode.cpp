@@ -1,0 +1,226 @@
+// A whole decode step of a Llama-family model in one native call, for the CPU fast path.
+//
+// Between the block-quantized matmuls a decode step is ~30 small tensor ops per layer (norms,
+// rotary, cache write, attention, activation, residuals); through PyTorch each costs more in
+// dispatch than in arithmetic at batch sizes of 1-16. Here they are plain loops over the step's
+// rows, the matmuls call block_matmul_into directly, and attention reads K/V straight from the
+// paged cache through each sequence's slot list. Every row is computed independently of the
+// others (no batch-dependent reduction order). Layout and semantics match the PyTorch modules in
+// lmserve/models/llama.py; the Python side (lmserve/models/fused_decode.py) decides when a model
+// and a step qualify.
+#include "block_kernels.h"
+
+#include <immintrin.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace lmserve {
+namespace {
+
+struct PackedLinear {
+  torch::Tensor q, scale, offset, bias;  // bias: added after the matmul, or empty
+  BlockMatrix m;
+
+  PackedLinear(torch::Tensor q_, torch::Tensor scale_, torch::Tensor offset_, int64_t group, int64_t bits,
+               torch::Tensor bias_)
+      : q(q_), scale(scale_), offset(offset_), bias(bias_), m(block_matrix(q_, scale_, offset_, group, bits)) {
+    TORCH_CHECK(bias.numel() == 0 || (bias.is_contiguous() && bias.numel() == m.N &&
+                                      bias.scalar_type() == torch::kFloat32));
+  }
+
+  void apply(const float* x, int64_t rows, float* out) const {
+    block_matmul_into(x, rows, m, out);
+    if (bias.numel() == 0) return;
+    const float* b = bias.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t n = 0; n < m.N; ++n) out[r * m.N + n] += b[n];
+  }
+};
+
+struct Layer {
+  torch::Tensor input_norm, post_norm, q_norm, k_norm;  // q_norm / k_norm empty unless the model has them
+  PackedLinear qkv, o, gate_up, down;
+  torch::Tensor kv_cache;  // [2, slots, kv_heads, head_dim] fp32
+  int64_t window;          // sliding window in tokens, 0 for none
+};
+
+// y = x / sqrt(mean(x^2) + eps) * w, as F.rms_norm computes it in fp32.
+void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
+}
+
+// x * cos + roll(x, half) * signed_sin over the first rotary_dim values (the tables of
+// lmserve/layers/rotary.py, whose sin carries the rotate-half sign).
+void rotate(float* x, const float* cos, const float* sin, int64_t rotary_dim) {
+  const int64_t half = rotary_dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] + b * sin[i];
+    x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  float total = _mm_cvtss_f32(s);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+class LlamaDecoder {
+ public:
+  LlamaDecoder(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double attn_scale,
+               torch::Tensor cos_table, torch::Tensor sin_table)
+      : heads_(num_heads), kv_heads_(num_kv_heads), dim_(head_dim), eps_(eps), scale_(attn_scale),
+        cos_(cos_table.contiguous()), sin_(sin_table.contiguous()), rotary_dim_(cos_table.size(-1)) {
+    TORCH_CHECK(num_heads % num_kv_heads == 0 && rotary_dim_ <= head_dim && rotary_dim_ % 2 == 0);
+  }
+
+  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, torch::Tensor q_norm, torch::Tensor k_norm,
+                 std::vector<torch::Tensor> qkv, std::vector<torch::Tensor> o, std::vector<torch::Tensor> gate_up,
+                 std::vector<torch::Tensor> down, std::vector<int64_t> formats, torch::Tensor kv_cache,
+                 int64_t window) {
+    // Each linear: (q, scale, offset, bias) tensors and (group, bits) in `formats`, in the order
+    // qkv, o, gate_up, down.
+    auto linear = [&](const std::vector<torch::Tensor>& t, int i) {
+      TORCH_CHECK(t.size() == 4, "a linear is (q, scale, offset, bias)");
+      return PackedLinear(t[0], t[1], t[2], formats[2 * i], formats[2 * i + 1], t[3]);
+    };
+    TORCH_CHECK(formats.size() == 8);
+    TORCH_CHECK(kv_cache.scalar_type() == torch::kFloat32 && kv_cache.is_contiguous() && kv_cache.dim() == 4 &&
+                kv_cache.size(2) == kv_heads_ && kv_cache.size(3) == dim_, "KV cache must be fp32 [2, slots, Hkv, D]");
+    layers_.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), q_norm.contiguous(),
+                            k_norm.contiguous(), linear(qkv, 0), linear(o, 1), linear(gate_up, 2), linear(down, 3),
+                            kv_cache, window});
+    const Layer& l = layers_.back();
+    TORCH_CHECK(l.qkv.m.N == (heads_ + 2 * kv_heads_) * dim_ && l.o.m.K == heads_ * dim_ &&
+                l.gate_up.m.N == 2 * l.down.m.K, "layer shapes do not match the model");
+  }
+
+  // hidden [B, hidden] (updated in place: the residual stream after the last layer), one new
+  // token per sequence at positions [B]; kv_slots [B, L] the cache slot of every context position
+  // (the new token's included), context_lens [B].
+  void forward(torch::Tensor hidden, torch::Tensor positions, torch::Tensor kv_slots, torch::Tensor context_lens) {
+    TORCH_CHECK(hidden.is_contiguous() && hidden.scalar_type() == torch::kFloat32 && hidden.dim() == 2);
+    TORCH_CHECK(positions.scalar_type() == torch::kInt64 && kv_slots.scalar_type() == torch::kInt64 &&
+                context_lens.scalar_type() == torch::kInt64);
+    positions = positions.contiguous();
+    kv_slots = kv_slots.contiguous();
+    context_lens = context_lens.contiguous();
+    const int64_t B = hidden.size(0), D = hidden.size(1), L = kv_slots.size(1);
+    TORCH_CHECK(positions.numel() == B && context_lens.numel() == B && kv_slots.size(0) == B);
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* ctx = context_lens.data_ptr<int64_t>();
+    const int64_t* slots = kv_slots.data_ptr<int64_t>();
+    const int64_t table_rows = cos_.size(0);
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(pos[b] >= 0 && pos[b] < table_rows && ctx[b] >= 1 && ctx[b] <= L, "bad decode metadata");
+    float* h = hidden.data_ptr<float>();
+    const int64_t qkv_width = (heads_ + 2 * kv_heads_) * dim_;
+    normed_.resize(B * D);
+    qkv_.resize(B * qkv_width);
+    attn_.resize(B * heads_ * dim_);
+    for (const Layer& l : layers_) {
+      const int64_t inter = l.down.m.K;
+      mlp_.resize(B * 2 * inter);
+      act_.resize(B * inter);
+      delta_.resize(B * D);
+      for (int64_t b = 0; b < B; ++b) rms_norm(h + b * D, l.input_norm.data_ptr<float>(), D, eps_, &normed_[b * D]);
+      l.qkv.apply(normed_.data(), B, qkv_.data());
+      for (int64_t b = 0; b < B; ++b) position_and_store(l, &qkv_[b * qkv_width], pos[b], slots[b * L + ctx[b] - 1]);
+      attention(l, B, L, slots, ctx);
+      l.o.apply(attn_.data(), B, delta_.data());
+      for (int64_t i = 0; i < B * D; ++i) h[i] += delta_[i];
+      for (int64_t b = 0; b < B; ++b) rms_norm(h + b * D, l.post_norm.data_ptr<float>(), D, eps_, &normed_[b * D]);
+      l.gate_up.apply(normed_.data(), B, mlp_.data());
+      for (int64_t b = 0; b < B; ++b) {
+        const float* gate = &mlp_[b * 2 * inter];
+        for (int64_t i = 0; i < inter; ++i) act_[b * inter + i] = gate[i] / (1.0f + std::exp(-gate[i])) * gate[inter + i];
+      }
+      l.down.apply(act_.data(), B, delta_.data());
+      for (int64_t i = 0; i < B * D; ++i) h[i] += delta_[i];
+    }
+  }
+
+ private:
+  // q/k norms and rotary on one token's q and k heads, then its k and v into the cache slot.
+  void position_and_store(const Layer& l, float* qkv, int64_t position, int64_t slot) const {
+    const float* cos = cos_.data_ptr<float>() + position * rotary_dim_;
+    const float* sin = sin_.data_ptr<float>() + position * rotary_dim_;
+    for (int64_t head = 0; head < heads_ + kv_heads_; ++head) {
+      float* x = qkv + head * dim_;
+      if (l.q_norm.numel() > 0) {
+        const float* w = (head < heads_ ? l.q_norm : l.k_norm).data_ptr<float>();
+        rms_norm(x, w, dim_, eps_, x);
+      }
+      rotate(x, cos, sin, rotary_dim_);
+    }
+    float* cache = l.kv_cache.data_ptr<float>();
+    const int64_t row = kv_heads_ * dim_, plane = l.kv_cache.size(1) * row;
+    std::copy_n(qkv + heads_ * dim_, row, cache + slot * row);                            // K
+    std::copy_n(qkv + (heads_ + kv_heads_) * dim_, row, cache + plane + slot * row);     // V
+  }
+
+  // Softmax attention of every query head over its sequence's cached context (sliding window
+  // respected), one (sequence, head) pair per task.
+  void attention(const Layer& l, int64_t B, int64_t L, const int64_t* slots, const int64_t* ctx) {
+    const float* cache = l.kv_cache.data_ptr<float>();
+    const int64_t row = kv_heads_ * dim_, plane = l.kv_cache.size(1) * row, group = heads_ / kv_heads_;
+    const int64_t qkv_width = (heads_ + 2 * kv_heads_) * dim_;
+    const float scale = static_cast<float>(scale_);
+    const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, L));
+    at::parallel_for(0, B * heads_, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(L);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / heads_, head = task % heads_, kv = head / group;
+        const int64_t n = ctx[b], first = l.window > 0 ? std::max<int64_t>(0, n - l.window) : 0;
+        const float* q = &qkv_[b * qkv_width + head * dim_];
+        const int64_t* seq_slots = slots + b * L;
+        float max_score = -std::numeric_limits<float>::infinity();
+        for (int64_t p = first; p < n; ++p) {
+          scores[p] = dot(q, cache + seq_slots[p] * row + kv * dim_, dim_) * scale;
+          max_score = std::max(max_score, scores[p]);
+        }
+        float total = 0.0f;
+        for (int64_t p = first; p < n; ++p) total += (scores[p] = std::exp(scores[p] - max_score));
+        float* out = &attn_[(b * heads_ + head) * dim_];
+        std::fill_n(out, dim_, 0.0f);
+        for (int64_t p = first; p < n; ++p) {
+          const float* v = cache + plane + seq_slots[p] * row + kv * dim_;
+          const float w = scores[p] / total;
+          for (int64_t d = 0; d < dim_; ++d) out[d] += w * v[d];
+        }
+      }
+    });
+  }
+
+  int64_t heads_, kv_heads_, dim_;
+  double eps_, scale_;
+  torch::Tensor cos_, sin_;
+  int64_t rotary_dim_;
+  std::vector<Layer> layers_;
+  std::vector<float> normed_, qkv_, attn_, mlp_, act_, delta_;  // per-step scratch, reused
+};
+
+}  // namespace
+
+void bind_llama_decode(pybind11::module& m) {
+  pybind11::class_<LlamaDecoder>(m, "LlamaDecoder")
+      .def(pybind11::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, torch::Tensor>())
+      .def("add_layer", &LlamaDecoder::add_layer)
+      .def("forward", &LlamaDecoder::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+}
+
+}  // namespace lmserve
