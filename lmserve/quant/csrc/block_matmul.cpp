@@ -91,15 +91,21 @@ inline void load_group_i16(const uint8_t* row, int64_t k0, __m256i* w) {
 
 // Outputs for NT weight rows from n0 and R activation rows from m0. Every (row, output) pair has
 // its own accumulator fed group by group in order, so a value does not depend on the tile shape;
-// the NT x R independent chains hide the FMA latency.
+// the NT x R independent chains hide the FMA latency. The next NT weight rows are prefetched: the
+// hardware prefetcher does not follow several interleaved row streams far enough ahead.
 template <int BITS, int GROUP, int NT, int R>
 inline void tile(const QuantizedActivations& a, int64_t m0, const BlockMatrix& w, int64_t n0, float* out) {
   constexpr int kRegs = GROUP / 16;
+  constexpr int64_t kGroupBytes = GROUP * BITS / 8, kGroupsPerLine = 64 / kGroupBytes;
   const int64_t K = w.K, G = a.G, row_bytes = BITS == 4 ? K / 2 : K;
   __m256 acc[NT][R];
   for (int t = 0; t < NT; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
+    if (g % kGroupsPerLine == 0) {
+      for (int t = 0; t < NT; ++t)
+        _mm_prefetch(reinterpret_cast<const char*>(w.q + (n0 + NT + t) * row_bytes + g * kGroupBytes), _MM_HINT_T0);
+    }
     for (int t = 0; t < NT; ++t) {
       __m256i wv[kRegs];
       load_group_i16<BITS, GROUP>(w.q + (n0 + t) * row_bytes, g * GROUP, wv);
@@ -122,29 +128,35 @@ inline void tile(const QuantizedActivations& a, int64_t m0, const BlockMatrix& w
   }
 }
 
-// Weight rows [begin, end) against all M activation rows: activation rows in tiles of 4 (each
-// weight group is widened once per tile); with fewer rows, several weight rows per tile instead.
+// NT weight rows from n0 against all M activation rows: activation rows in tiles of 4 (each
+// weight group widened once per tile), the rest in one smaller tile. Weight rows outermost, so
+// each is read from memory once while the activations stay in cache.
+template <int BITS, int GROUP, int NT>
+inline void weight_tile(const QuantizedActivations& a, int64_t M, const BlockMatrix& w, int64_t n0, float* out) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) {
+    if constexpr (NT == 4) {
+      tile<BITS, GROUP, 2, 4>(a, m0, w, n0, out);
+      tile<BITS, GROUP, 2, 4>(a, m0, w, n0 + 2, out);
+    } else {
+      tile<BITS, GROUP, NT, 4>(a, m0, w, n0, out);
+    }
+  }
+  switch (M - m0) {
+    case 1: tile<BITS, GROUP, NT, 1>(a, m0, w, n0, out); break;
+    case 2: tile<BITS, GROUP, NT, 2>(a, m0, w, n0, out); break;
+    case 3: tile<BITS, GROUP, NT, 3>(a, m0, w, n0, out); break;
+    default: break;
+  }
+}
+
+// Weight rows [begin, end) against all M activation rows.
 template <int BITS, int GROUP>
 void matmul_rows(const QuantizedActivations& a, int64_t M, const BlockMatrix& w, float* out, int64_t begin,
                  int64_t end) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) {
-    int64_t n = begin;
-    for (; n + 2 <= end; n += 2) tile<BITS, GROUP, 2, 4>(a, m0, w, n, out);
-    for (; n < end; ++n) tile<BITS, GROUP, 1, 4>(a, m0, w, n, out);
-  }
-  const int64_t rest = M - m0;
   int64_t n = begin;
-  if (rest == 1) {
-    for (; n + 4 <= end; n += 4) tile<BITS, GROUP, 4, 1>(a, m0, w, n, out);
-    for (; n < end; ++n) tile<BITS, GROUP, 1, 1>(a, m0, w, n, out);
-  } else if (rest == 2) {
-    for (; n + 2 <= end; n += 2) tile<BITS, GROUP, 2, 2>(a, m0, w, n, out);
-    for (; n < end; ++n) tile<BITS, GROUP, 1, 2>(a, m0, w, n, out);
-  } else if (rest == 3) {
-    for (; n + 2 <= end; n += 2) tile<BITS, GROUP, 2, 3>(a, m0, w, n, out);
-    for (; n < end; ++n) tile<BITS, GROUP, 1, 3>(a, m0, w, n, out);
-  }
+  for (; n + 4 <= end; n += 4) weight_tile<BITS, GROUP, 4>(a, M, w, n, out);
+  for (; n < end; ++n) weight_tile<BITS, GROUP, 1>(a, M, w, n, out);
 }
 
 inline __m256 bytes_to_floats(__m128i eight_bytes_low, bool is_signed) {
