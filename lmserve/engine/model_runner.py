@@ -83,6 +83,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> torch.Tensor:
         """Forward the scheduled tokens; returns fp32 logits [num sampling rows, vocab] in schedule order."""
+        if self.fused_decode is not None and all(r.num_tokens == 1 for r in scheduled):
+            return self._fused_decode_step(scheduled)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -104,12 +106,22 @@ class ModelRunner:
         if len(groups) == 1 and groups[0].token_index.numel() == len(input_ids):
             groups[0].covers_step = True
         dev = self.device
-        ids, pos = torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev)
-        if self.fused_decode is not None and FusedLlamaDecode.applies_to(groups):
-            hidden = self.fused_decode.forward(ids, pos, groups[0])
-        else:
-            hidden = self.model(ids, pos, AttentionMetadata(torch.tensor(slots, device=dev), groups, len(input_ids)))
+        meta = AttentionMetadata(torch.tensor(slots, device=dev), groups, len(input_ids))
+        hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta)
         return self.model.compute_logits(hidden[torch.tensor(sample_index, dtype=torch.long, device=dev)])
+
+    def _fused_decode_step(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
+        """A step that adds one token per sequence, through the fused native decoder: its
+        metadata is only the tokens, their positions and the block tables."""
+        seqs = [r.seq for r in scheduled]
+        positions = [s.num_computed_tokens for s in seqs]
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.long)
+        hidden = self.fused_decode.forward(torch.tensor([s.token_ids[p] for s, p in zip(seqs, positions)]),
+                                           torch.tensor(positions), tables, self.block_size)
+        if not all(r.samples for r in scheduled):
+            hidden = hidden[torch.tensor([i for i, r in enumerate(scheduled) if r.samples], dtype=torch.long)]
+        return self.model.compute_logits(hidden)
 
     # ---- block copies and the swap tier (queued by the block manager, run before a forward) ----
 

@@ -16,7 +16,6 @@ import logging
 import torch
 
 from lmserve.config import EngineConfig
-from lmserve.layers.attention import AttentionGroup
 from lmserve.layers.linear import Linear
 from lmserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 from lmserve.quant import native
@@ -46,8 +45,8 @@ def _unsupported(model: torch.nn.Module, engine_config: EngineConfig) -> str | N
     layers = model.model.layers
     if not all(isinstance(layer, LlamaDecoderLayer) and isinstance(layer.mlp, LlamaMLP) for layer in layers):
         return "not every layer has a SwiGLU MLP"
-    if any(norm.weight_offset is not None for layer in layers
-           for norm in (layer.input_layernorm, layer.post_attention_layernorm)):
+    norms = [model.model.norm] + [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    if any(norm.weight_offset is not None for norm in norms):
         return "offset RMSNorm"
     linears = [m for layer in layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                layer.mlp.gate_up_proj, layer.mlp.down_proj)]
@@ -59,8 +58,7 @@ def _unsupported(model: torch.nn.Module, engine_config: EngineConfig) -> str | N
 
 
 class FusedLlamaDecode:
-    def __init__(self, model: LlamaForCausalLM, decoder):
-        self.model = model
+    def __init__(self, decoder):
         self.decoder = decoder
 
     @classmethod
@@ -74,9 +72,15 @@ class FusedLlamaDecode:
             return None
         cfg = model.config
         attn0 = model.model.layers[0].self_attn.attn
-        decoder = ext.LlamaDecoder(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, attn0.scale,
-                                   model.rotary.cos_cache.float(), model.rotary.sin_cache.float())
         empty = torch.empty(0)
+        table = model.model.embed_tokens
+        if table.packed is not None:
+            embed = (table.packed.q, table.packed.scale, table.packed.bias if table.packed.bias is not None else empty)
+        else:
+            embed = (table.weight.data.float(), empty, empty)
+        decoder = ext.LlamaDecoder(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, attn0.scale,
+                                   model.rotary.cos_cache.float(), model.rotary.sin_cache.float(), *embed,
+                                   model.model.norm.weight.data)
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             parts = [_linear_parts(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
@@ -86,15 +90,10 @@ class FusedLlamaDecode:
                               *[tensors for tensors, _ in parts], [f for _, formats in parts for f in formats],
                               attn.attn.kv_cache, attn.attn.sliding_window or 0)
         logger.info("decode steps run fused in native code (%d layers)", len(model.model.layers))
-        return cls(model, decoder)
+        return cls(decoder)
 
-    @staticmethod
-    def applies_to(groups: list[AttentionGroup]) -> bool:
-        """True for a step in which every sequence adds one token (one decode group, in step order)."""
-        return len(groups) == 1 and groups[0].covers_step and groups[0].query_pos.shape[1] == 1
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
-        """Final-normed hidden states [B, hidden] of a decode step."""
-        hidden = self.model.model.embed_tokens(input_ids).float().contiguous()
-        self.decoder.forward(hidden, positions, group.kv_slots, positions + 1)
-        return self.model.model.norm(hidden)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
+                block_size: int) -> torch.Tensor:
+        """Final-normed hidden states [B, hidden] for one new token per sequence at `positions`,
+        whose KV blocks are the rows of `block_tables` [B, max blocks]."""
+        return self.decoder.forward(input_ids, positions, block_tables, block_size)

@@ -81,11 +81,23 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 class LlamaDecoder {
  public:
+  // The token table is dense fp32 [V, hidden] (embed_scale and embed_bias empty) or int8 values
+  // with one scale (and optional offset) per group of columns, as quant.packed.Int8GroupWeight.
   LlamaDecoder(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double attn_scale,
-               torch::Tensor cos_table, torch::Tensor sin_table)
+               torch::Tensor cos_table, torch::Tensor sin_table, torch::Tensor embed, torch::Tensor embed_scale,
+               torch::Tensor embed_bias, torch::Tensor final_norm)
       : heads_(num_heads), kv_heads_(num_kv_heads), dim_(head_dim), eps_(eps), scale_(attn_scale),
-        cos_(cos_table.contiguous()), sin_(sin_table.contiguous()), rotary_dim_(cos_table.size(-1)) {
+        cos_(cos_table.contiguous()), sin_(sin_table.contiguous()), rotary_dim_(cos_table.size(-1)),
+        embed_(embed.contiguous()), embed_scale_(embed_scale.contiguous()), embed_bias_(embed_bias.contiguous()),
+        final_norm_(final_norm.contiguous()) {
     TORCH_CHECK(num_heads % num_kv_heads == 0 && rotary_dim_ <= head_dim && rotary_dim_ % 2 == 0);
+    const bool packed = embed_scale_.numel() > 0;
+    TORCH_CHECK(embed_.dim() == 2 && embed_.scalar_type() == (packed ? torch::kInt8 : torch::kFloat32),
+                "token table must be fp32, or int8 with group scales");
+    TORCH_CHECK(!packed || (embed_scale_.scalar_type() == torch::kFloat32 && embed_scale_.size(0) == embed_.size(0) &&
+                            embed_.size(1) % embed_scale_.size(1) == 0));
+    TORCH_CHECK(embed_bias_.numel() == 0 || embed_bias_.sizes() == embed_scale_.sizes());
+    TORCH_CHECK(final_norm_.numel() == embed_.size(1));
   }
 
   void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, torch::Tensor q_norm, torch::Tensor k_norm,
@@ -110,23 +122,37 @@ class LlamaDecoder {
   }
 
   // hidden [B, hidden] (updated in place: the residual stream after the last layer), one new
-  // token per sequence at positions [B]; kv_slots [B, L] the cache slot of every context position
-  // (the new token's included), context_lens [B].
-  void forward(torch::Tensor hidden, torch::Tensor positions, torch::Tensor kv_slots, torch::Tensor context_lens) {
-    TORCH_CHECK(hidden.is_contiguous() && hidden.scalar_type() == torch::kFloat32 && hidden.dim() == 2);
-    TORCH_CHECK(positions.scalar_type() == torch::kInt64 && kv_slots.scalar_type() == torch::kInt64 &&
-                context_lens.scalar_type() == torch::kInt64);
+  // token per sequence at positions [B] (its context is positions 0..position); block_tables
+  // [B, max blocks] the cache blocks of each sequence, block_size tokens each.
+  torch::Tensor forward(torch::Tensor token_ids, torch::Tensor positions, torch::Tensor block_tables,
+                        int64_t block_size) {
+    TORCH_CHECK(token_ids.scalar_type() == torch::kInt64 && positions.scalar_type() == torch::kInt64 &&
+                block_tables.scalar_type() == torch::kInt64);
+    token_ids = token_ids.contiguous();
     positions = positions.contiguous();
-    kv_slots = kv_slots.contiguous();
-    context_lens = context_lens.contiguous();
-    const int64_t B = hidden.size(0), D = hidden.size(1), L = kv_slots.size(1);
-    TORCH_CHECK(positions.numel() == B && context_lens.numel() == B && kv_slots.size(0) == B);
+    block_tables = block_tables.contiguous();
+    const int64_t B = token_ids.numel(), D = embed_.size(1), max_blocks = block_tables.size(1);
+    TORCH_CHECK(positions.numel() == B && block_tables.size(0) == B && block_size > 0);
+    torch::Tensor hidden = torch::empty({B, D}, torch::kFloat32);
+    embed(token_ids.data_ptr<int64_t>(), B, hidden.data_ptr<float>());
     const int64_t* pos = positions.data_ptr<int64_t>();
-    const int64_t* ctx = context_lens.data_ptr<int64_t>();
-    const int64_t* slots = kv_slots.data_ptr<int64_t>();
-    const int64_t table_rows = cos_.size(0);
+    const int64_t table_rows = cos_.size(0), num_slots = layers_.empty() ? 0 : layers_[0].kv_cache.size(1);
     for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(pos[b] >= 0 && pos[b] < table_rows && ctx[b] >= 1 && ctx[b] <= L, "bad decode metadata");
+      TORCH_CHECK(pos[b] >= 0 && pos[b] < table_rows && pos[b] < max_blocks * block_size, "bad decode metadata");
+    // The cache slot of every context position (blocks released by a sliding window hold -1; they
+    // lie outside the window and are never read).
+    const int64_t L = *std::max_element(pos, pos + B) + 1;
+    slots_.assign(B * L, 0);
+    ctx_.resize(B);
+    const int64_t* tables = block_tables.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      ctx_[b] = pos[b] + 1;
+      for (int64_t p = 0; p <= pos[b]; ++p) slots_[b * L + p] = tables[b * max_blocks + p / block_size] * block_size + p % block_size;
+      const int64_t own = slots_[b * L + pos[b]];
+      TORCH_CHECK(own >= 0 && own < num_slots, "the new token's cache slot is out of range");
+    }
+    const int64_t* slots = slots_.data();
+    const int64_t* ctx = ctx_.data();
     float* h = hidden.data_ptr<float>();
     const int64_t qkv_width = (heads_ + 2 * kv_heads_) * dim_;
     normed_.resize(B * D);
@@ -152,9 +178,32 @@ class LlamaDecoder {
       l.down.apply(act_.data(), B, delta_.data());
       for (int64_t i = 0; i < B * D; ++i) h[i] += delta_[i];
     }
+    for (int64_t b = 0; b < B; ++b) rms_norm(h + b * D, final_norm_.data_ptr<float>(), D, eps_, h + b * D);
+    return hidden;
   }
 
  private:
+  // The token table's rows for `ids`, dequantized as Int8GroupWeight.dequantize_rows does.
+  void embed(const int64_t* ids, int64_t B, float* out) const {
+    const int64_t V = embed_.size(0), D = embed_.size(1);
+    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(ids[b] >= 0 && ids[b] < V, "token id ", ids[b], " out of range");
+    if (embed_scale_.numel() == 0) {
+      for (int64_t b = 0; b < B; ++b) std::copy_n(embed_.data_ptr<float>() + ids[b] * D, D, out + b * D);
+      return;
+    }
+    const int64_t G = embed_scale_.size(1), group = D / G;
+    const int8_t* q = embed_.data_ptr<int8_t>();
+    const float* scale = embed_scale_.data_ptr<float>();
+    const float* bias = embed_bias_.numel() > 0 ? embed_bias_.data_ptr<float>() : nullptr;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t k = 0; k < D; ++k) {
+        const int64_t g = ids[b] * G + k / group;
+        const float v = static_cast<float>(q[ids[b] * D + k]) * scale[g];
+        out[b * D + k] = bias != nullptr ? v + bias[g] : v;
+      }
+    }
+  }
+
   // q/k norms and rotary on one token's q and k heads, then its k and v into the cache slot.
   void position_and_store(const Layer& l, float* qkv, int64_t position, int64_t slot) const {
     const float* cos = cos_.data_ptr<float>() + position * rotary_dim_;
@@ -180,7 +229,7 @@ class LlamaDecoder {
     const int64_t row = kv_heads_ * dim_, plane = l.kv_cache.size(1) * row, group = heads_ / kv_heads_;
     const int64_t qkv_width = (heads_ + 2 * kv_heads_) * dim_;
     const float scale = static_cast<float>(scale_);
-    const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, L));
+    const int64_t grain = std::max<int64_t>(1, 512 / std::max<int64_t>(1, L));  // ~512 keys per thread at least
     at::parallel_for(0, B * heads_, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(L);
       for (int64_t task = begin; task < end; ++task) {
@@ -210,15 +259,18 @@ class LlamaDecoder {
   double eps_, scale_;
   torch::Tensor cos_, sin_;
   int64_t rotary_dim_;
+  torch::Tensor embed_, embed_scale_, embed_bias_, final_norm_;
   std::vector<Layer> layers_;
   std::vector<float> normed_, qkv_, attn_, mlp_, act_, delta_;  // per-step scratch, reused
+  std::vector<int64_t> slots_, ctx_;
 };
 
 }  // namespace
 
 void bind_llama_decode(pybind11::module& m) {
   pybind11::class_<LlamaDecoder>(m, "LlamaDecoder")
-      .def(pybind11::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, torch::Tensor>())
+      .def(pybind11::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, torch::Tensor, torch::Tensor,
+                          torch::Tensor, torch::Tensor, torch::Tensor>())
       .def("add_layer", &LlamaDecoder::add_layer)
       .def("forward", &LlamaDecoder::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
