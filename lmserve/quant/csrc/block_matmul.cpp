@@ -40,37 +40,42 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
 }
 
 // Activations of M rows quantized per group: int16 values, their scale and (for the offset term,
-// sum_k x * bias = bias * sum_k x) the exact fp32 sum.
+// sum_k x * bias = bias * sum_k x) the exact fp32 sum. Values and scales are stored group-major
+// ([G][M][group] and [G][M]) so a tile finds all its rows' data for one group at fixed offsets
+// from one pointer; sums are row-major [M][G] for the per-row offset dot product.
 struct QuantizedActivations {
   std::vector<int16_t> q;
   std::vector<float> scale, sum;
-  int64_t K, G;
+  int64_t M, K, G;
 };
 
 QuantizedActivations quantize_activations(const float* x, int64_t M, int64_t K, int64_t group) {
-  QuantizedActivations a{std::vector<int16_t>(M * K), std::vector<float>(M * K / group),
-                         std::vector<float>(M * K / group), K, K / group};
+  const int64_t G = K / group;
+  QuantizedActivations a{std::vector<int16_t>(M * K), std::vector<float>(M * G), std::vector<float>(M * G), M, K, G};
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  for (int64_t i = 0; i < M * a.G; ++i) {
-    const float* v = x + i * group;
-    __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-    for (int64_t k = 0; k < group; k += 8) {
-      const __m256 xv = _mm256_loadu_ps(v + k);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, xv));
-      sum = _mm256_add_ps(sum, xv);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* v = x + m * K + g * group;
+      __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+      for (int64_t k = 0; k < group; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(v + k);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, xv));
+        sum = _mm256_add_ps(sum, xv);
+      }
+      const float top = hmax(amax);
+      const float scale = top > 0.0f ? top / 32767.0f : 1.0f;
+      const __m256 inv = _mm256_set1_ps(1.0f / scale);
+      int16_t* dst = a.q.data() + (g * M + m) * group;
+      for (int64_t k = 0; k < group; k += 16) {
+        // cvtps rounds to nearest even; packs interleaves 128-bit lanes, the permute restores order.
+        const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k), inv));
+        const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k + 8), inv));
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), packed);
+      }
+      a.scale[g * M + m] = scale;
+      a.sum[m * G + g] = hsum(sum);
     }
-    const float m = hmax(amax);
-    const float scale = m > 0.0f ? m / 32767.0f : 1.0f;
-    const __m256 inv = _mm256_set1_ps(1.0f / scale);
-    for (int64_t k = 0; k < group; k += 16) {
-      // cvtps rounds to nearest even; packs interleaves 128-bit lanes, the permute restores order.
-      const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k), inv));
-      const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k + 8), inv));
-      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q.data() + i * group + k), packed);
-    }
-    a.scale[i] = scale;
-    a.sum[i] = hsum(sum);
   }
   return a;
 }
@@ -97,24 +102,29 @@ template <int BITS, int GROUP, int NT, int R>
 inline void tile(const QuantizedActivations& a, int64_t m0, const BlockMatrix& w, int64_t n0, float* out) {
   constexpr int kRegs = GROUP / 16;
   constexpr int64_t kGroupBytes = GROUP * BITS / 8, kGroupsPerLine = 64 / kGroupBytes;
-  const int64_t K = w.K, G = a.G, row_bytes = BITS == 4 ? K / 2 : K;
+  const int64_t G = a.G, M = a.M, row_bytes = BITS == 4 ? w.K / 2 : w.K;
+  const uint8_t* wq = w.q + n0 * row_bytes;
+  const float* ws = w.scale + n0 * G;
+  const int16_t* xq = a.q.data() + m0 * GROUP;  // this group's values of row m0; rows follow
+  const float* xs = a.scale.data() + m0;
   __m256 acc[NT][R];
   for (int t = 0; t < NT; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
+  for (int64_t g = 0; g < G; ++g, xq += M * GROUP, xs += M) {
     if (g % kGroupsPerLine == 0) {
       for (int t = 0; t < NT; ++t)
-        _mm_prefetch(reinterpret_cast<const char*>(w.q + (n0 + NT + t) * row_bytes + g * kGroupBytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wq + (NT + t) * row_bytes + g * kGroupBytes), _MM_HINT_T0);
     }
-    for (int t = 0; t < NT; ++t) {
-      __m256i wv[kRegs];
-      load_group_i16<BITS, GROUP>(w.q + (n0 + t) * row_bytes, g * GROUP, wv);
-      const float ws = w.scale[(n0 + t) * G + g];
-      for (int r = 0; r < R; ++r) {
-        const __m256i* xr = reinterpret_cast<const __m256i*>(a.q.data() + (m0 + r) * K + g * GROUP);
-        __m256i dot = _mm256_madd_epi16(wv[0], _mm256_loadu_si256(xr));
-        if constexpr (kRegs == 2) dot = _mm256_add_epi32(dot, _mm256_madd_epi16(wv[1], _mm256_loadu_si256(xr + 1)));
-        const __m256 s = _mm256_set1_ps(ws * a.scale[(m0 + r) * G + g]);
+    __m256i wv[NT][kRegs];
+    for (int t = 0; t < NT; ++t) load_group_i16<BITS, GROUP>(wq + t * row_bytes, g * GROUP, wv[t]);
+    for (int r = 0; r < R; ++r) {
+      const __m256i* xr = reinterpret_cast<const __m256i*>(xq + r * GROUP);
+      const __m256i x0 = _mm256_loadu_si256(xr);
+      const __m256i x1 = kRegs == 2 ? _mm256_loadu_si256(xr + 1) : x0;
+      for (int t = 0; t < NT; ++t) {
+        __m256i dot = _mm256_madd_epi16(wv[t][0], x0);
+        if constexpr (kRegs == 2) dot = _mm256_add_epi32(dot, _mm256_madd_epi16(wv[t][1], x1));
+        const __m256 s = _mm256_set1_ps(ws[t * G + g] * xs[r]);
         acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[t][r]);
       }
     }
@@ -134,14 +144,7 @@ inline void tile(const QuantizedActivations& a, int64_t m0, const BlockMatrix& w
 template <int BITS, int GROUP, int NT>
 inline void weight_tile(const QuantizedActivations& a, int64_t M, const BlockMatrix& w, int64_t n0, float* out) {
   int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) {
-    if constexpr (NT == 4) {
-      tile<BITS, GROUP, 2, 4>(a, m0, w, n0, out);
-      tile<BITS, GROUP, 2, 4>(a, m0, w, n0 + 2, out);
-    } else {
-      tile<BITS, GROUP, NT, 4>(a, m0, w, n0, out);
-    }
-  }
+  for (; m0 + 4 <= M; m0 += 4) tile<BITS, GROUP, NT, 4>(a, m0, w, n0, out);
   switch (M - m0) {
     case 1: tile<BITS, GROUP, NT, 1>(a, m0, w, n0, out); break;
     case 2: tile<BITS, GROUP, NT, 2>(a, m0, w, n0, out); break;
