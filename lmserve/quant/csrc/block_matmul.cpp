@@ -273,6 +273,9 @@ void bind_llama_decode(pybind11::module& m);  // llama_decode.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   lmserve::bind_llama_decode(m);
-  m.def("block_matmul", &block_matmul, "x @ W^T for a block-quantized W (fp32 activations)");
-  m.def("block_dequantize", &block_dequantize, "dense fp32 copy of a block-quantized weight, into out");
+  // Both release the GIL (as PyTorch's own ops do), so a server's event loop runs meanwhile.
+  m.def("block_matmul", &block_matmul, "x @ W^T for a block-quantized W (fp32 activations)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("block_dequantize", &block_dequantize, "dense fp32 copy of a block-quantized weight, into out",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }
