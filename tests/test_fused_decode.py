@@ -48,3 +48,21 @@ def test_fused_decode_is_off_where_it_does_not_apply(tiny_model_factory):
         assert llm.engine.runner.fused_decode is None, options
     moe_directory, _ = tiny_model_factory("mixtral")
     assert LLM(str(moe_directory), kv_cache_memory="16MiB", quantization="int8").engine.runner.fused_decode is None
+
+
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
+def test_fused_decode_under_memory_pressure_forks_and_prefix_hits(tiny_model_factory, preemption_mode):
+    """The fused step reads block tables directly: with 24 blocks of 4 tokens (so sequences are
+    preempted and swapped or recomputed), copy-on-write forks (n=2 from one prompt, seeded
+    sampling) and a shared prompt prefix (cache hits), it gives the module path's tokens."""
+    directory, _ = tiny_model_factory("mistral_sliding")
+    shared = list(range(3, 23))
+    prompts = [shared + [30 + i] for i in range(4)] + [list(range(50, 61))]
+    params = [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)] * 4 + [
+        SamplingParams(max_tokens=20, temperature=0.8, n=2, seed=7, ignore_eos=True)]
+    runs = []
+    for enforce_eager in (False, True):
+        llm = LLM(str(directory), quantization="int8", block_size=4, num_kv_blocks=24, enforce_eager=enforce_eager,
+                  preemption_mode=preemption_mode, swap_space="1MiB")
+        runs.append([[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)])
+    assert runs[0] == runs[1]
