@@ -67,16 +67,76 @@ void rotate(float* x, const float* cos, const float* sin, int64_t rotary_dim) {
   }
 }
 
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  float total = _mm_cvtss_f32(s);
+  float total = hsum8(acc);
   for (; i < n; ++i) total += a[i] * b[i];
   return total;
+}
+
+// Attention of one query head over the cached keys and values at `slots[first..n)` (rows of
+// `row` floats; k and v point at this head's kv-head columns). Four keys at a time so their dot
+// products are independent FMA chains; the output stays in registers across positions.
+template <int D>
+void attend_head(const float* q, const float* k, const float* v, const int64_t* slots, int64_t first, int64_t n,
+                 int64_t row, float scale, float* scores, float* out) {
+  static_assert(D % 8 == 0 && D > 0, "head_dim must be a multiple of 8");
+  constexpr int C = D / 8;
+  __m256 qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
+  float max_score = -std::numeric_limits<float>::infinity();
+  int64_t p = first;
+  for (; p + 4 <= n; p += 4) {
+    const float* key[4];
+    __m256 acc[4];
+    for (int j = 0; j < 4; ++j) {
+      key[j] = k + slots[p + j] * row;
+      acc[j] = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key[j]));
+    }
+    for (int c = 1; c < C; ++c)
+      for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(key[j] + 8 * c), acc[j]);
+    for (int j = 0; j < 4; ++j) max_score = std::max(max_score, scores[p + j] = hsum8(acc[j]) * scale);
+  }
+  for (; p < n; ++p) {
+    const float* key = k + slots[p] * row;
+    __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key));
+    for (int c = 1; c < C; ++c) acc = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(key + 8 * c), acc);
+    max_score = std::max(max_score, scores[p] = hsum8(acc) * scale);
+  }
+  float total = 0.0f;
+  for (p = first; p < n; ++p) total += (scores[p] = std::exp(scores[p] - max_score));
+  __m256 o[C];
+  for (int c = 0; c < C; ++c) o[c] = _mm256_setzero_ps();
+  for (p = first; p < n; ++p) {
+    const float* value = v + slots[p] * row;
+    const __m256 w = _mm256_set1_ps(scores[p] / total);
+    for (int c = 0; c < C; ++c) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * c), o[c]);
+  }
+  for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + 8 * c, o[c]);
+}
+
+// The same for any head_dim, plainly.
+void attend_head_any(const float* q, const float* k, const float* v, const int64_t* slots, int64_t first, int64_t n,
+                     int64_t row, int64_t dim, float scale, float* scores, float* out) {
+  float max_score = -std::numeric_limits<float>::infinity();
+  for (int64_t p = first; p < n; ++p) max_score = std::max(max_score, scores[p] = dot(q, k + slots[p] * row, dim) * scale);
+  float total = 0.0f;
+  for (int64_t p = first; p < n; ++p) total += (scores[p] = std::exp(scores[p] - max_score));
+  std::fill_n(out, dim, 0.0f);
+  for (int64_t p = first; p < n; ++p) {
+    const float* value = v + slots[p] * row;
+    const float w = scores[p] / total;
+    for (int64_t d = 0; d < dim; ++d) out[d] += w * value[d];
+  }
 }
 
 class LlamaDecoder {
@@ -236,20 +296,17 @@ class LlamaDecoder {
         const int64_t b = task / heads_, head = task % heads_, kv = head / group;
         const int64_t n = ctx[b], first = l.window > 0 ? std::max<int64_t>(0, n - l.window) : 0;
         const float* q = &qkv_[b * qkv_width + head * dim_];
+        const float* k = cache + kv * dim_;
+        const float* v = cache + plane + kv * dim_;
         const int64_t* seq_slots = slots + b * L;
-        float max_score = -std::numeric_limits<float>::infinity();
-        for (int64_t p = first; p < n; ++p) {
-          scores[p] = dot(q, cache + seq_slots[p] * row + kv * dim_, dim_) * scale;
-          max_score = std::max(max_score, scores[p]);
-        }
-        float total = 0.0f;
-        for (int64_t p = first; p < n; ++p) total += (scores[p] = std::exp(scores[p] - max_score));
         float* out = &attn_[(b * heads_ + head) * dim_];
-        std::fill_n(out, dim_, 0.0f);
-        for (int64_t p = first; p < n; ++p) {
-          const float* v = cache + plane + seq_slots[p] * row + kv * dim_;
-          const float w = scores[p] / total;
-          for (int64_t d = 0; d < dim_; ++d) out[d] += w * v[d];
+        switch (dim_) {
+          case 16: attend_head<16>(q, k, v, seq_slots, first, n, row, scale, scores.data(), out); break;
+          case 32: attend_head<32>(q, k, v, seq_slots, first, n, row, scale, scores.data(), out); break;
+          case 64: attend_head<64>(q, k, v, seq_slots, first, n, row, scale, scores.data(), out); break;
+          case 128: attend_head<128>(q, k, v, seq_slots, first, n, row, scale, scores.data(), out); break;
+          case 256: attend_head<256>(q, k, v, seq_slots, first, n, row, scale, scores.data(), out); break;
+          default: attend_head_any(q, k, v, seq_slots, first, n, row, dim_, scale, scores.data(), out);
         }
       }
     });
