@@ -61,18 +61,24 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow],
                     stop_token_ids_per_row: list[set[int]] | None = None) -> torch.Tensor:
     """Apply logit_bias, repetition, frequency/presence penalties and min_tokens masking.
 
-    Returns a new tensor (the input is left untouched, since logprobs are reported from it).
-    Token ids outside the vocabulary are ignored.
+    Returns a new tensor when any of them applies (the input is left untouched, since logprobs
+    are reported from it), else the input itself. Token ids outside the vocabulary are ignored.
     """
-    out = logits.clone()
     params = [r.params for r in rows]
-    if any(p.logit_bias for p in params):
+    bias = any(p.logit_bias for p in params)
+    repetition = any(p.repetition_penalty != 1.0 for p in params)
+    frequency = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
+    mask_stops = any(len(r.output_token_ids) < r.params.min_tokens for r in rows)
+    if not (bias or repetition or frequency or mask_stops):
+        return logits
+    out = logits.clone()
+    if bias:
         _add_logit_bias(out, params)
-    if any(p.repetition_penalty != 1.0 for p in params):
+    if repetition:
         _repetition_penalty(out, rows)
-    if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
+    if frequency:
         _frequency_presence_penalty(out, rows)
-    if any(len(r.output_token_ids) < r.params.min_tokens for r in rows):
+    if mask_stops:
         _mask_stop_tokens(out, rows, stop_token_ids_per_row)
     return out
 
