@@ -6,7 +6,7 @@
 // rows, the matmuls call block_matmul_into directly, and attention reads K/V straight from the
 // paged cache through each sequence's slot list. Every row is computed independently of the
 // others (no batch-dependent reduction order). Layout and semantics match the PyTorch modules in
-// lmserve/models/llama.py; the Python side (lmserve/models/fused_decode.py) decides when a model
+// lmserve/models/llama.py; the Python side (lmserve/models/llama_fused.py) decides when a model
 // and a step qualify.
 #include "block_kernels.h"
 
@@ -176,14 +176,15 @@ class LlamaDecoder {
     layers_.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), q_norm.contiguous(),
                             k_norm.contiguous(), linear(qkv, 0), linear(o, 1), linear(gate_up, 2), linear(down, 3),
                             kv_cache, window});
+    widest_window_ = layers_.size() == 1 || (widest_window_ > 0 && window > 0) ? std::max(widest_window_, window) : 0;
     const Layer& l = layers_.back();
     TORCH_CHECK(l.qkv.m.N == (heads_ + 2 * kv_heads_) * dim_ && l.o.m.K == heads_ * dim_ &&
                 l.gate_up.m.N == 2 * l.down.m.K, "layer shapes do not match the model");
   }
 
-  // hidden [B, hidden] (updated in place: the residual stream after the last layer), one new
-  // token per sequence at positions [B] (its context is positions 0..position); block_tables
-  // [B, max blocks] the cache blocks of each sequence, block_size tokens each.
+  // Final-normed hidden states [B, hidden] for one new token per sequence: token_ids [B] at
+  // positions [B] (its context is positions 0..position), block_tables [B, max blocks] the cache
+  // blocks of each sequence, block_size tokens each.
   torch::Tensor forward(torch::Tensor token_ids, torch::Tensor positions, torch::Tensor block_tables,
                         int64_t block_size) {
     TORCH_CHECK(token_ids.scalar_type() == torch::kInt64 && positions.scalar_type() == torch::kInt64 &&
@@ -199,17 +200,21 @@ class LlamaDecoder {
     const int64_t table_rows = cos_.size(0), num_slots = layers_.empty() ? 0 : layers_[0].kv_cache.size(1);
     for (int64_t b = 0; b < B; ++b)
       TORCH_CHECK(pos[b] >= 0 && pos[b] < table_rows && pos[b] < max_blocks * block_size, "bad decode metadata");
-    // The cache slot of every context position (blocks released by a sliding window hold -1; they
-    // lie outside the window and are never read).
+    // The cache slot of every context position. Blocks released by a sliding window hold -1; they
+    // lie before `earliest`, outside every layer's window, and are never read.
     const int64_t L = *std::max_element(pos, pos + B) + 1;
     slots_.assign(B * L, 0);
     ctx_.resize(B);
     const int64_t* tables = block_tables.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
       ctx_[b] = pos[b] + 1;
-      for (int64_t p = 0; p <= pos[b]; ++p) slots_[b * L + p] = tables[b * max_blocks + p / block_size] * block_size + p % block_size;
-      const int64_t own = slots_[b * L + pos[b]];
-      TORCH_CHECK(own >= 0 && own < num_slots, "the new token's cache slot is out of range");
+      const int64_t earliest = widest_window_ > 0 ? std::max<int64_t>(0, ctx_[b] - widest_window_) : 0;
+      for (int64_t p = 0; p <= pos[b]; ++p) {
+        const int64_t slot = tables[b * max_blocks + p / block_size] * block_size + p % block_size;
+        TORCH_CHECK(p < earliest || (slot >= 0 && slot < num_slots), "cache slot ", slot, " of position ", p,
+                    " is out of range");
+        slots_[b * L + p] = slot;
+      }
     }
     const int64_t* slots = slots_.data();
     const int64_t* ctx = ctx_.data();
@@ -318,6 +323,7 @@ class LlamaDecoder {
   int64_t rotary_dim_;
   torch::Tensor embed_, embed_scale_, embed_bias_, final_norm_;
   std::vector<Layer> layers_;
+  int64_t widest_window_ = 0;  // the largest sliding window, 0 when some layer sees the whole context
   std::vector<float> normed_, qkv_, attn_, mlp_, act_, delta_;  // per-step scratch, reused
   std::vector<int64_t> slots_, ctx_;
 };
