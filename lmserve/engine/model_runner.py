@@ -3,7 +3,9 @@
 Owns the model and its paged KV cache. `execute` flattens the scheduled tokens of all sequences
 into one unpadded batch, builds the attention metadata (slot mapping, padded attention groups
 with context slots gathered through the block tables) and returns logits only for the positions
-that sample a new token.
+that sample a new token. A step in which every sequence adds one token goes instead, where the
+model qualifies, through the fused native decoder (`models/llama_fused.py`), whose metadata is
+just the tokens, positions and block tables.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def _unsupported(model: torch.nn.Module, engine_config: EngineConfig) -> str | N
         return "deterministic mode"
     layers = model.model.layers
     if not all(isinstance(layer, LlamaDecoderLayer) and isinstance(layer.mlp, LlamaMLP) for layer in layers):
-        return "not every layer has a SwiGLU MLP"
+        return "not every layer is a Llama decoder layer with a SwiGLU MLP"
     norms = [model.model.norm] + [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
     if any(norm.weight_offset is not None for norm in norms):
         return "offset RMSNorm"
