@@ -2,6 +2,7 @@
 // (block_matmul.cpp) and the fused Llama decode step built on it (llama_decode.cpp).
 #pragma once
 
+#include <immintrin.h>
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -19,6 +20,24 @@ struct BlockMatrix {
   int64_t N, K, group;
   int bits;
 };
+
+// Sum of a register's 8 floats.
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// sum_i a[i] * b[i] in a fixed order (8 lanes, then the tail).
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float total = hsum(acc);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
 
 // The BlockMatrix view of a packed weight's tensors (checks dtypes, shapes and contiguity).
 BlockMatrix block_matrix(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& bias,

@@ -67,21 +67,6 @@ void rotate(float* x, const float* cos, const float* sin, int64_t rotary_dim) {
   }
 }
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float total = hsum8(acc);
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
 
 // Attention of one query head over the cached keys and values at `slots[first..n)` (rows of
 // `row` floats; k and v point at this head's kv-head columns). Four keys at a time so their dot
@@ -104,13 +89,13 @@ void attend_head(const float* q, const float* k, const float* v, const int64_t* 
     }
     for (int c = 1; c < C; ++c)
       for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(key[j] + 8 * c), acc[j]);
-    for (int j = 0; j < 4; ++j) max_score = std::max(max_score, scores[p + j] = hsum8(acc[j]) * scale);
+    for (int j = 0; j < 4; ++j) max_score = std::max(max_score, scores[p + j] = hsum(acc[j]) * scale);
   }
   for (; p < n; ++p) {
     const float* key = k + slots[p] * row;
     __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key));
     for (int c = 1; c < C; ++c) acc = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(key + 8 * c), acc);
-    max_score = std::max(max_score, scores[p] = hsum8(acc) * scale);
+    max_score = std::max(max_score, scores[p] = hsum(acc) * scale);
   }
   float total = 0.0f;
   for (p = first; p < n; ++p) total += (scores[p] = std::exp(scores[p] - max_score));
@@ -128,7 +113,7 @@ void attend_head(const float* q, const float* k, const float* v, const int64_t* 
 void attend_head_any(const float* q, const float* k, const float* v, const int64_t* slots, int64_t first, int64_t n,
                      int64_t row, int64_t dim, float scale, float* scores, float* out) {
   float max_score = -std::numeric_limits<float>::infinity();
-  for (int64_t p = first; p < n; ++p) max_score = std::max(max_score, scores[p] = dot(q, k + slots[p] * row, dim) * scale);
+  for (int64_t p = first; p < n; ++p) max_score = std::max(max_score, scores[p] = dot_f32(q, k + slots[p] * row, dim) * scale);
   float total = 0.0f;
   for (int64_t p = first; p < n; ++p) total += (scores[p] = std::exp(scores[p] - max_score));
   std::fill_n(out, dim, 0.0f);
