@@ -16,22 +16,11 @@ from lmserve import LLM, SamplingParams
 from lmserve.entrypoints.cli import main as cli_main
 from lmserve.errors import ContextLengthError, ModelLoadError
 from lmserve.loader.gguf import hf_tensor_name
-from tests.test_model_numerics import (PROMPT, LogitRecorder, assert_logits_and_greedy_tokens_match,
-                                       assert_mixed_length_batch_greedy_tokens_match, hf_logits)
+from tests.test_model_numerics import PROMPT, LogitRecorder, assert_logits_and_greedy_tokens_match, hf_logits
 from tests.tiny_models import FAMILY_TINY_MODELS, build_tiny_model
 
 Q = gguf.GGMLQuantizationType
 GGUF_ARCH = {"gemma3": "gemma3", "gpt2": "gpt2", "phi3_longrope": "phi3"}
-
-
-@pytest.mark.parametrize("kind", FAMILY_TINY_MODELS)
-def test_logits_and_greedy_tokens_match_transformers(kind, tiny_model_factory):
-    assert_logits_and_greedy_tokens_match(*tiny_model_factory(kind))
-
-
-@pytest.mark.parametrize("kind", FAMILY_TINY_MODELS)
-def test_mixed_length_batch_matches_transformers(kind, tiny_model_factory):
-    assert_mixed_length_batch_greedy_tokens_match(*tiny_model_factory(kind))
 
 
 def _first_logits(llm, prompt):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmserve import LLM, SamplingParams
-from tests.tiny_models import TINY_MODELS
+from tests.tiny_models import FAMILY_TINY_MODELS, MOE_TINY_MODELS, TINY_MODELS
 
 PROMPT = [5, 17, 250, 3, 99, 42, 7, 7, 130, 64, 12, 300, 1, 77, 88, 150, 23, 9, 201, 11]
 
@@ -59,9 +59,14 @@ def assert_mixed_length_batch_greedy_tokens_match(model_path, hf_model, **engine
         assert generated == reference[len(prompt) - 1: -1].argmax(-1).tolist(), f"prompt of {len(prompt)} tokens"
 
 
-@pytest.mark.parametrize("kind", TINY_MODELS)
+@pytest.mark.parametrize("kind", TINY_MODELS + FAMILY_TINY_MODELS + MOE_TINY_MODELS)
 def test_logits_and_greedy_tokens_match_transformers(kind, tiny_model_factory):
     assert_logits_and_greedy_tokens_match(*tiny_model_factory(kind))
+
+
+@pytest.mark.parametrize("kind", FAMILY_TINY_MODELS + MOE_TINY_MODELS)
+def test_mixed_length_batch_matches_transformers(kind, tiny_model_factory):
+    assert_mixed_length_batch_greedy_tokens_match(*tiny_model_factory(kind))
 
 
 def test_sliding_window_shorter_than_prompt_matters(tiny_model_factory):
