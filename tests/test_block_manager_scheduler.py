@@ -17,6 +17,7 @@ from lmserve.engine.block_manager import COPY, NO_BLOCK, SWAP_IN, SWAP_OUT, Bloc
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Request, Sequence, SequenceStatus
 from lmserve.sampling_params import SamplingParams
+from tests.probes import used_blocks_per_step
 
 
 def _check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
@@ -302,17 +303,9 @@ def test_sliding_window_model_releases_blocks_and_matches_transformers(tiny_mode
     llm = LLM(str(directory), dtype="float32", quantization="none", block_size=4)
     bm = llm.engine.block_manager
     assert bm.sliding_window == 7
-    used = []
-    engine_step = llm.engine.step
-
-    def step():
-        outputs = engine_step()
-        used.append(bm.num_used_blocks)
-        return outputs
-
-    llm.engine.step = step
     prompt = [(11 * j) % 300 + 1 for j in range(20)]
-    out = llm.generate([prompt], Params(max_tokens=40, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    with used_blocks_per_step(llm) as used:
+        out = llm.generate([prompt], Params(max_tokens=40, temperature=0, ignore_eos=True), use_tqdm=False)[0]
     expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[0, 20:].tolist()
     assert out.outputs[0].token_ids == expected
     # 59 positions computed would need 15 blocks; decoding keeps only the window's (at most 7

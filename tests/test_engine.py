@@ -5,6 +5,7 @@ import pytest
 
 from lmserve import LLM, SamplingParams
 from lmserve.errors import ContextLengthError, InvalidParameterError
+from tests.probes import used_blocks_per_step
 
 PROMPTS = [
     "The capital of France is",
@@ -200,21 +201,9 @@ def test_prompt_filling_the_context_is_refused_without_max_tokens(smollm2_path):
 def test_n_samples_share_the_prompt_blocks(llm):
     prompt = PROMPTS[4] * 2
     num_prompt = len(llm.tokenizer.encode(prompt))
-    bm = llm.engine.block_manager
-    used = []
-    engine_step = llm.engine.step
-
-    def step():
-        outputs = engine_step()
-        used.append(bm.num_used_blocks)
-        return outputs
-
-    llm.engine.step = step
-    try:
+    with used_blocks_per_step(llm) as used:
         outs = llm.generate(prompt, SamplingParams(n=4, max_tokens=4, temperature=0.8, seed=3, ignore_eos=True),
                             use_tqdm=False)[0].outputs
-    finally:
-        llm.engine.step = engine_step
     full, total_tokens = num_prompt // 16, num_prompt + 4
     own = -(-total_tokens // 16) - full  # blocks each sample needs beyond the shared full prompt blocks
     assert max(used) <= full + 4 * own < 4 * -(-total_tokens // 16)
