@@ -18,7 +18,7 @@ from lmserve.config import EngineConfig, ModelConfig
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.scheduler import ScheduledSequence
 from lmserve.layers.attention import AttentionGroup, AttentionMetadata
-from lmserve.models.llama_fused import FusedLlamaDecode
+from lmserve.models.llama_fused import build_fused_decoder
 
 logger = logging.getLogger("lmserve")
 
@@ -31,6 +31,12 @@ def num_kv_blocks_for(model_config: ModelConfig, engine_config: EngineConfig) ->
     per_block = model_config.kv_bytes_per_token(engine_config.kv_torch_dtype,
                                                 engine_config.kv_quantized) * engine_config.block_size
     return max(1, engine_config.kv_cache_bytes // per_block)
+
+
+def _block_tables(seqs: list, width: int) -> torch.Tensor:
+    """[len(seqs), width] int64: each sequence's first `width` cache blocks, padded with block 0."""
+    tables = [s.block_table[:width] for s in seqs]
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
 
 
 class ModelRunner:
@@ -57,7 +63,7 @@ class ModelRunner:
             packed = model_config.kv_bytes_per_token(engine_config.kv_torch_dtype, quantized=True)
             logger.info("%s KV cache holds %.2fx the tokens of a %s cache in the same memory",
                         engine_config.kv_cache_dtype, plain / packed, str(self.dtype).replace("torch.", ""))
-        self.fused_decode = FusedLlamaDecode.build(model, engine_config)
+        self.fused_decode = build_fused_decoder(model, engine_config)
 
     def _group(self, rows: list[ScheduledSequence], starts: list[int]) -> AttentionGroup:
         n = torch.tensor([r.num_tokens for r in rows])
@@ -68,11 +74,7 @@ class ModelRunner:
         query_valid = j[None, :] < n[:, None]
         token_index = torch.tensor(starts)[:, None] + torch.minimum(j[None, :], (n - 1)[:, None])
         query_pos = ctx_before[:, None] + j[None, :]
-        max_blocks = -(-k_len // self.block_size)
-        tables = torch.zeros(len(rows), max_blocks, dtype=torch.long)
-        for b, r in enumerate(rows):
-            table = r.seq.block_table[:max_blocks]
-            tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+        tables = _block_tables([r.seq for r in rows], -(-k_len // self.block_size))
         k = torch.arange(k_len)
         key_valid = k[None, :] < ctx[:, None]
         kv_slots = tables[:, k // self.block_size] * self.block_size + k % self.block_size
@@ -117,8 +119,7 @@ class ModelRunner:
         metadata is only the tokens, their positions and the block tables."""
         seqs = [r.seq for r in scheduled]
         positions = [s.num_computed_tokens for s in seqs]
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.long)
+        tables = _block_tables(seqs, max(len(s.block_table) for s in seqs))
         hidden = self.fused_decode.forward(torch.tensor([s.token_ids[p] for s, p in zip(seqs, positions)]),
                                            torch.tensor(positions), tables, self.block_size)
         if not all(r.samples for r in scheduled):

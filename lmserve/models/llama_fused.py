@@ -1,6 +1,6 @@
 """Decode-only steps of Llama-family models in one native call (the CPU fast path).
 
-`FusedLlamaDecode.build` hands a model's packed weights, norms, rotary tables and KV caches to
+`build_fused_decoder` hands a model's packed weights, norms, rotary tables and KV caches to
 the C++ decoder in `lmserve/quant/csrc/llama_decode.cpp` once; the model runner then sends every
 step whose sequences each add exactly one token through it instead of the PyTorch modules. It
 applies only where the two paths compute the same thing: a Llama-family model (SwiGLU MLP in
@@ -57,43 +57,34 @@ def _unsupported(model: torch.nn.Module, engine_config: EngineConfig) -> str | N
     return None
 
 
-class FusedLlamaDecode:
-    def __init__(self, decoder):
-        self.decoder = decoder
-
-    @classmethod
-    def build(cls, model: torch.nn.Module, engine_config: EngineConfig) -> "FusedLlamaDecode | None":
-        """The fused decoder over the model's weights and bound KV caches, or None (with the reason
-        logged) when the model or configuration needs the PyTorch path."""
-        ext = native.load()
-        reason = "the native extension is unavailable" if ext is None else _unsupported(model, engine_config)
-        if reason is not None:
-            logger.info("decode steps run through PyTorch modules (fused decode off: %s)", reason)
-            return None
-        cfg = model.config
-        attn0 = model.model.layers[0].self_attn.attn
-        empty = torch.empty(0)
-        table = model.model.embed_tokens
-        if table.packed is not None:
-            embed = (table.packed.q, table.packed.scale, table.packed.bias if table.packed.bias is not None else empty)
-        else:
-            embed = (table.weight.data.float(), empty, empty)
-        decoder = ext.LlamaDecoder(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, attn0.scale,
-                                   model.rotary.cos_cache.float(), model.rotary.sin_cache.float(), *embed,
-                                   model.model.norm.weight.data)
-        for layer in model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            parts = [_linear_parts(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-            decoder.add_layer(layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data,
-                              attn.q_norm.weight.data if attn.qk_norm else empty,
-                              attn.k_norm.weight.data if attn.qk_norm else empty,
-                              *[tensors for tensors, _ in parts], [f for _, formats in parts for f in formats],
-                              attn.attn.kv_cache, attn.attn.sliding_window or 0)
-        logger.info("decode steps run fused in native code (%d layers)", len(model.model.layers))
-        return cls(decoder)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
-                block_size: int) -> torch.Tensor:
-        """Final-normed hidden states [B, hidden] for one new token per sequence at `positions`,
-        whose KV blocks are the rows of `block_tables` [B, max blocks]."""
-        return self.decoder.forward(input_ids, positions, block_tables, block_size)
+def build_fused_decoder(model: torch.nn.Module, engine_config: EngineConfig):
+    """The native decoder over the model's weights and bound KV caches, or None (with the reason
+    logged) when the model or configuration needs the PyTorch path. Its `forward(token_ids,
+    positions, block_tables, block_size)` returns the final-normed hidden states [B, hidden] of
+    one new token per sequence."""
+    ext = native.load()
+    reason = "the native extension is unavailable" if ext is None else _unsupported(model, engine_config)
+    if reason is not None:
+        logger.info("decode steps run through PyTorch modules (fused decode off: %s)", reason)
+        return None
+    cfg = model.config
+    attn0 = model.model.layers[0].self_attn.attn
+    empty = torch.empty(0)
+    table = model.model.embed_tokens
+    if table.packed is not None:
+        embed = (table.packed.q, table.packed.scale, table.packed.bias if table.packed.bias is not None else empty)
+    else:
+        embed = (table.weight.data.float(), empty, empty)
+    decoder = ext.LlamaDecoder(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, attn0.scale,
+                               model.rotary.cos_cache.float(), model.rotary.sin_cache.float(), *embed,
+                               model.model.norm.weight.data)
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        parts = [_linear_parts(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        decoder.add_layer(layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data,
+                          attn.q_norm.weight.data if attn.qk_norm else empty,
+                          attn.k_norm.weight.data if attn.qk_norm else empty,
+                          *[tensors for tensors, _ in parts], [f for _, formats in parts for f in formats],
+                          attn.attn.kv_cache, attn.attn.sliding_window or 0)
+    logger.info("decode steps run fused in native code (%d layers)", len(model.model.layers))
+    return decoder

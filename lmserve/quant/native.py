@@ -1,4 +1,5 @@
-"""Builds and loads the C++ block-quantized matmul (`csrc/block_matmul.cpp`).
+"""Builds and loads the native CPU code in `csrc/`: the block-quantized matmul and the fused
+Llama decode step built on it.
 
 The extension is compiled once per machine with PyTorch's extension builder (ninja + the
 system C++ compiler), cached on disk (TORCH_EXTENSIONS_DIR, by default under ~/.cache), and
@@ -21,7 +22,7 @@ _SOURCES = sorted(str(p) for p in (Path(__file__).parent / "csrc").glob("*.cpp")
 
 @cache
 def load():
-    """The compiled module (with `block_matmul` and `block_dequantize`), or None. The Makefile's
+    """The compiled module (`block_matmul`, `block_dequantize`, `LlamaDecoder`), or None. The Makefile's
     install step calls this once so the compile happens at set-up rather than in a first request."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         logger.info("no AVX2 on this CPU: quantized layers use PyTorch's int4 kernel")

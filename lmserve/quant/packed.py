@@ -1,5 +1,7 @@
 """Weights held in packed integer form, and the matmul over each.
 
+- `BlockWeight`: our C++ kernel's storage (4-bit or int8 values, fp32 group scales and offsets),
+  computed with fp32 activations; the default wherever the extension builds.
 - `Int4Weight`: values in groups of 32 along the input dim, in the layout of PyTorch's CPU
   weight-only kernel `_weight_int4pack_mm_for_cpu` (w = (u - 8) * scale + zero). GGUF Q4_0, Q4_1
   and Q4_K map onto it directly, wider formats with groups of 32 (Q5_0, Q5_1, Q5_K, Q8_0) as two
@@ -7,8 +9,8 @@
 - `Int8GroupWeight`: int8 values with per-group scales (and offsets): formats whose groups are
   smaller than 32 (Q6_K), and quantized embedding tables, which are gathered row by row.
 
-The CPU kernels are fast only with bf16 activations and amortise poorly over many rows, so a
-matmul with few rows runs the kernel on bf16 inputs and returns the caller's dtype, while a
+PyTorch's CPU kernels (the fallbacks) are fast only with bf16 activations and amortise poorly
+over many rows, so a matmul with few rows runs the kernel on bf16 inputs and returns the caller's dtype, while a
 matmul with many rows (prefill) dequantizes the weight and runs a dense GEMM in the caller's
 dtype, which costs little next to the GEMM itself.
 """

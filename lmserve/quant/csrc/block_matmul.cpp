@@ -32,9 +32,13 @@ struct QuantizedActivations {
   int64_t M, K, G;
 };
 
-QuantizedActivations quantize_activations(const float* x, int64_t M, int64_t K, int64_t group) {
+// Fills `a` (whose buffers are reused from call to call: a decode step makes ~120 of these).
+void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group, QuantizedActivations& a) {
   const int64_t G = K / group;
-  QuantizedActivations a{std::vector<int16_t>(M * K), std::vector<float>(M * G), std::vector<float>(M * G), M, K, G};
+  a.M = M, a.K = K, a.G = G;
+  a.q.resize(M * K);
+  a.scale.resize(M * G);
+  a.sum.resize(M * G);
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < G; ++g) {
@@ -60,7 +64,6 @@ QuantizedActivations quantize_activations(const float* x, int64_t M, int64_t K, 
       a.sum[m * G + g] = hsum(sum);
     }
   }
-  return a;
 }
 
 // The weights of one group widened to int16: 16 columns per register.
@@ -212,7 +215,11 @@ BlockMatrix block_matrix(const torch::Tensor& q, const torch::Tensor& scale, con
 }
 
 void block_matmul_into(const float* x, int64_t M, const BlockMatrix& w, float* out) {
-  const QuantizedActivations a = quantize_activations(x, M, w.K, w.group);
+  // The caller thread's buffers, named through a local reference: a lambda does not capture a
+  // thread_local, so the pool's workers would otherwise see their own (empty) copies.
+  static thread_local QuantizedActivations buffers;
+  QuantizedActivations& a = buffers;
+  quantize_activations(x, M, w.K, w.group, a);
   // Chunks of whole 4-row weight tiles; a chunk per thread unless the matrix is tiny.
   const int64_t grain = std::max<int64_t>(16, (w.N / at::get_num_threads() + 3) / 4 * 4);
   at::parallel_for(0, w.N, grain, [&](int64_t begin, int64_t end) {
