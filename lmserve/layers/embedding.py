@@ -2,8 +2,8 @@
 
 A table loaded from a quantized GGUF tensor stays packed (int8 values with group scales) and
 lookups dequantize only the rows they gather. An LM head whose weight is quantized — its own or
-the tied embedding's — multiplies through the packed int4 kernel (`quant.packed.Int4Weight`,
-which holds formats of up to 8 bits as nibble planes; a tied head keeps its own packed copy).
+the tied embedding's — multiplies through a packed kernel (`quant.packed.pack`: our block kernel,
+or PyTorch's int4 kernel without it); a tied head keeps its own copy in that kernel's layout.
 """
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 from lmserve.layers.linear import copy_checked
 from lmserve.quant import native
 from lmserve.quant.gguf_blocks import GroupQuantized
-from lmserve.quant.packed import BlockWeight, Int4Weight, Int8GroupWeight, pack
+from lmserve.quant.packed import Int8GroupWeight, pack
 
 
 
@@ -83,11 +83,8 @@ class LMHead(nn.Module):
 
 
 def _head_from_table(table: Int8GroupWeight) -> torch.nn.Module:
-    ext = native.load()
-    if ext is not None and table.group in (16, 32):
-        return BlockWeight.from_tensors(ext, table.q, table.scale, table.bias, table.group)
-    if table.group % 32:
+    if native.load() is None and table.group % 32:
         return table  # no int4 layout for groups this small: dequantize-then-matmul
     low, high = int(table.q.min()), int(table.q.max())
     bias = None if table.bias is None else table.bias.numpy()
-    return Int4Weight(GroupQuantized(table.q.numpy(), table.scale.numpy(), bias, table.group, (low, high)))
+    return pack(GroupQuantized(table.q.numpy(), table.scale.numpy(), bias, table.group, (low, high)))

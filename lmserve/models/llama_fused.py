@@ -27,7 +27,7 @@ logger = logging.getLogger("lmserve")
 def _linear_parts(linear: Linear) -> tuple[list[torch.Tensor], list[int]]:
     packed = linear.packed
     bias = linear.bias.data if linear.bias is not None else torch.empty(0)
-    return [packed.q, packed.scale, packed.bias, bias], [packed.group, packed.bits]
+    return [packed.q, packed.scale, packed.bias, bias], [packed.group, packed.bits, packed.out_features]
 
 
 def _unsupported(model: torch.nn.Module, engine_config: EngineConfig) -> str | None:

@@ -43,12 +43,38 @@ class KernelOrGemmWeight(nn.Module):
         return _rows_of(x) <= self.kernel_max_rows
 
 
+def _row_blocks(per_row: np.ndarray) -> np.ndarray:
+    """[rows, ...] -> [ceil(rows / 8), 8, ...], zero-padding the last block."""
+    pad = -per_row.shape[0] % 8
+    if pad:
+        per_row = np.concatenate([per_row, np.zeros((pad, *per_row.shape[1:]), per_row.dtype)])
+    return per_row.reshape(-1, 8, *per_row.shape[1:])
+
+
+def interleave_blocks(values: np.ndarray, bits: int, group: int) -> np.ndarray:
+    """Row-major values [rows, cols] (4-bit as uint8 0-15, else int8) in the kernel's layout
+    (`csrc/block_kernels.h`): blocks of 8 rows, group by group, 2 columns of the 8 rows per chunk."""
+    blocks = _row_blocks(values)
+    n = blocks.shape[0]
+    if bits == 8:
+        chunks = blocks.reshape(n, 8, -1, group // 2, 2).transpose(0, 2, 3, 1, 4)  # block, group, chunk, row, col
+        return np.ascontiguousarray(chunks).reshape(n, -1, group * 8)
+    # rows j = 4 * nibble + i; columns 4 * unit + 2 * half + e; byte 8 * half + 2 * i + e
+    units = blocks.reshape(n, 2, 4, -1, group // 4, 2, 2).transpose(0, 3, 4, 5, 2, 6, 1)
+    return np.ascontiguousarray(units[..., 0] | (units[..., 1] << 4)).reshape(n, -1, group * 4)
+
+
+def interleave_groups(per_group: np.ndarray) -> np.ndarray:
+    """Scales or offsets [rows, groups] -> [ceil(rows / 8), groups, 8] fp32."""
+    return np.ascontiguousarray(_row_blocks(per_group.astype(np.float32)).transpose(0, 2, 1))
+
+
 class BlockWeight(KernelOrGemmWeight):
     """Our C++ kernel's storage (`quant/csrc/block_matmul.cpp`): 4-bit values two per byte, or
-    any other format as int8, with fp32 scales and offsets per group of 16 or 32. Activations
-    stay fp32, so both paths match dequantize-then-matmul in fp32 up to summation order: few rows
-    run the kernel, more rows dequantize a slab of rows at a time into a cache-sized scratch
-    buffer and multiply it with GEMM."""
+    any other format as int8, with fp32 scales and offsets per group of 16 or 32, interleaved in
+    blocks of 8 rows. Activations stay fp32, so both paths match dequantize-then-matmul in fp32
+    up to summation order: few rows run the kernel, more rows dequantize a slab of rows at a time
+    into a cache-sized scratch buffer and multiply it with GEMM."""
 
     kernel_max_rows = 32  # measured crossover with the slab GEMM on a 2-core Zen 3
     _SCRATCH_ELEMENTS = 1 << 19  # 2 MiB of fp32: one slab stays in cache between its two uses
@@ -58,59 +84,45 @@ class BlockWeight(KernelOrGemmWeight):
         super().__init__()
         self.native = native
         low, high = gq.levels
-        rows, cols = gq.shape
-        self.out_features, self.in_features, self.group = rows, cols, gq.group
+        self.out_features, self.in_features = gq.shape
+        self.group = gq.group
         if high - low <= 15 and gq.group == 32:
             self.bits = 4
-            u = (gq.q.astype(np.int16) - low).astype(np.uint8).reshape(rows, cols // 32, 2, 16)
-            values = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(rows, cols // 2)
+            values = (gq.q.astype(np.int16) - low).astype(np.uint8)
             bias = low * gq.scale + (gq.bias if gq.bias is not None else 0.0)
         else:
-            self.bits, values, bias = 8, gq.q, gq.bias
-        self.register_buffer("q", torch.from_numpy(np.ascontiguousarray(values)))
-        self.register_buffer("scale", torch.from_numpy(np.ascontiguousarray(gq.scale, dtype=np.float32)))
-        self.register_buffer("bias", torch.empty(0) if bias is None else
-                             torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)))
+            self.bits, values, bias = 8, gq.q.astype(np.int8), gq.bias
+        self.register_buffer("q", torch.from_numpy(interleave_blocks(values, self.bits, self.group)))
+        self.register_buffer("scale", torch.from_numpy(interleave_groups(gq.scale)))
+        self.register_buffer("bias", torch.empty(0) if bias is None else torch.from_numpy(interleave_groups(bias)))
 
-    @classmethod
-    def from_tensors(cls, native, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                     group: int) -> "BlockWeight":
-        """An 8-bit BlockWeight sharing existing int8 storage (a tied LM head reads the table)."""
-        self = cls.__new__(cls)
-        KernelOrGemmWeight.__init__(self)
-        self.native, self.bits, self.group = native, 8, group
-        self.out_features, self.in_features = q.shape
-        self.register_buffer("q", q)
-        self.register_buffer("scale", scale)
-        self.register_buffer("bias", torch.empty(0) if bias is None else bias)
-        return self
-
-    def _dequantize_into(self, rows: slice, out: torch.Tensor) -> None:
-        bias = self.bias[rows] if self.bias.numel() else self.bias
-        self.native.block_dequantize(self.q[rows], self.scale[rows], bias, self.group, self.bits, out)
+    def _dequantize_into(self, first_row: int, out: torch.Tensor) -> None:
+        self.native.block_dequantize(self.q, self.scale, self.bias, self.group, self.bits, self.out_features,
+                                     first_row, out)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out = torch.empty(self.out_features, self.in_features)
-        self._dequantize_into(slice(None), out)
+        self._dequantize_into(0, out)
         return out.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
         if self.uses_kernel(flat):
-            out = self.native.block_matmul(flat, self.q, self.scale, self.bias, self.group, self.bits)
+            out = self.native.block_matmul(flat, self.q, self.scale, self.bias, self.group, self.bits,
+                                           self.out_features)
         else:
             out = self._slab_gemm(flat)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def _slab_gemm(self, flat: torch.Tensor) -> torch.Tensor:
-        if BlockWeight._scratch is None:
-            BlockWeight._scratch = torch.empty(self._SCRATCH_ELEMENTS)
-        slab = max(1, self._SCRATCH_ELEMENTS // self.in_features)
+        if BlockWeight._scratch is None or BlockWeight._scratch.numel() < 8 * self.in_features:
+            BlockWeight._scratch = torch.empty(max(self._SCRATCH_ELEMENTS, 8 * self.in_features))
+        slab = max(8, self._SCRATCH_ELEMENTS // self.in_features // 8 * 8)  # whole blocks of 8 rows
         out_t = torch.empty(self.out_features, flat.shape[0])
         for start in range(0, self.out_features, slab):
             rows = slice(start, min(start + slab, self.out_features))
             weight = BlockWeight._scratch[: (rows.stop - start) * self.in_features].view(-1, self.in_features)
-            self._dequantize_into(rows, weight)
+            self._dequantize_into(start, weight)
             torch.mm(weight, flat.t(), out=out_t[rows])
         return out_t.t().contiguous()
 

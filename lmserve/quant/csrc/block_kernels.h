@@ -9,16 +9,30 @@
 
 namespace lmserve {
 
-// A weight [N, K] as small integers per row with one fp32 scale (and optional fp32 offset) per
-// group of `group` consecutive columns: w[n, k] = q[n, k] * scale[n, g] + bias[n, g].
-// bits = 4: uint8 [N, K/2]; in each 32-column block byte j holds column j in its low nibble and
-// column j + 16 in its high nibble, as GGUF's Q4 formats do. bits = 8: int8 [N, K].
+// A weight [N, K] as small integers with one fp32 scale (and optional fp32 offset) per group of
+// `group` consecutive columns of a row: w[n, k] = q[n, k] * scale[n, g] + bias[n, g].
+//
+// Rows are stored in blocks of 8 (the last block padded with zero rows), each block group by
+// group, so that one AVX2 register of int16 holds a "chunk": 2 consecutive columns of all 8 rows
+// ([r0 c, r0 c+1, r1 c, r1 c+1, ..., r7 c+1]). vpmaddwd of a chunk with the activation pair of
+// those columns broadcast gives the 8 rows' partial dot products in the 8 lanes, so a group's
+// dot products of a whole block need no horizontal sums.
+// bits = 8 (int8): chunk c of a group (columns 2c, 2c+1) is 16 bytes, byte 2j + e holding row j,
+//   column 2c + e.
+// bits = 4 (values 0-15): chunks 2u and 2u+1 share 16 bytes, chunk 2u in bytes 0-7 and chunk
+//   2u+1 in bytes 8-15; rows 0-3 sit in the low nibbles of bytes 2j, 2j + 1 (+8) and rows 4-7 in
+//   the high nibbles of bytes 2(j-4), 2(j-4) + 1 (+8).
+// Scales and offsets are [blocks, groups, 8] fp32. lmserve/quant/packed.py writes this layout.
 struct BlockMatrix {
   const uint8_t* q;
   const float* scale;
   const float* bias;  // nullptr when the format has no offsets
   int64_t N, K, group;
   int bits;
+
+  int64_t blocks() const { return (N + 7) / 8; }
+  int64_t groups() const { return K / group; }
+  int64_t group_bytes() const { return 8 * group * bits / 8; }  // one block's values of one group
 };
 
 // Sum of a register's 8 floats.
@@ -41,7 +55,7 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
 
 // The BlockMatrix view of a packed weight's tensors (checks dtypes, shapes and contiguity).
 BlockMatrix block_matrix(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& bias,
-                         int64_t group, int64_t bits);
+                         int64_t group, int64_t bits, int64_t rows);
 
 // out[M, N] = x[M, K] @ W^T, fp32, threads from PyTorch's intra-op pool. Each output row depends
 // only on its own input row, so results do not change with the batch around a row.

@@ -1,15 +1,16 @@
 // Matmul and dequantization over block-quantized weights (layout in block_kernels.h), for the
 // CPU fast path. Activations enter as fp32 and are carried as int16 per row and group (relative
-// error 2^-16 of the group's largest value, far below bf16's 2^-9), so each group's dot product
-// is integer multiply-adds (vpmaddwd) with one conversion to float per group; results match
-// dequantize-then-matmul in fp32 to about 1e-5 relative. Requires AVX2 and FMA; threads come
-// from PyTorch's intra-op pool (OpenMP).
+// error 2^-16 of the group's largest value, far below bf16's 2^-9), so a group's dot products
+// are exact integer multiply-adds (vpmaddwd, 8 weight rows per instruction) with one conversion
+// to float per group; results match dequantize-then-matmul in fp32 to about 1e-5 relative.
+// Requires AVX2 and FMA; threads come from PyTorch's intra-op pool (OpenMP).
 #include "block_kernels.h"
 
 #include <immintrin.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace lmserve {
@@ -22,167 +23,175 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Activations of M rows quantized per group: int16 values, their scale and (for the offset term,
-// sum_k x * bias = bias * sum_k x) the exact fp32 sum. Values and scales are stored group-major
-// ([G][M][group] and [G][M]) so a tile finds all its rows' data for one group at fixed offsets
-// from one pointer; sums are row-major [M][G] for the per-row offset dot product.
+// Activations of M rows quantized per group: int16 values [M][K], and per [M][G] their scale and
+// (for the offset term, sum_k x * bias = bias * sum_k x) their exact fp32 sum.
 struct QuantizedActivations {
   std::vector<int16_t> q;
   std::vector<float> scale, sum;
-  int64_t M, K, G;
 };
 
 // Fills `a` (whose buffers are reused from call to call: a decode step makes ~120 of these).
 void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group, QuantizedActivations& a) {
   const int64_t G = K / group;
-  a.M = M, a.K = K, a.G = G;
   a.q.resize(M * K);
   a.scale.resize(M * G);
   a.sum.resize(M * G);
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t g = 0; g < G; ++g) {
-      const float* v = x + m * K + g * group;
-      __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-      for (int64_t k = 0; k < group; k += 8) {
-        const __m256 xv = _mm256_loadu_ps(v + k);
-        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, xv));
-        sum = _mm256_add_ps(sum, xv);
-      }
-      const float top = hmax(amax);
-      const float scale = top > 0.0f ? top / 32767.0f : 1.0f;
-      const __m256 inv = _mm256_set1_ps(1.0f / scale);
-      int16_t* dst = a.q.data() + (g * M + m) * group;
-      for (int64_t k = 0; k < group; k += 16) {
-        // cvtps rounds to nearest even; packs interleaves 128-bit lanes, the permute restores order.
-        const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k), inv));
-        const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k + 8), inv));
-        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), packed);
-      }
-      a.scale[g * M + m] = scale;
-      a.sum[m * G + g] = hsum(sum);
+  for (int64_t mg = 0; mg < M * G; ++mg) {
+    const float* v = x + mg * group;
+    __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+    for (int64_t k = 0; k < group; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(v + k);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, xv));
+      sum = _mm256_add_ps(sum, xv);
     }
+    const float top = hmax(amax);
+    const float scale = top > 0.0f ? top / 32767.0f : 1.0f;
+    const __m256 inv = _mm256_set1_ps(1.0f / scale);
+    int16_t* dst = a.q.data() + mg * group;
+    for (int64_t k = 0; k < group; k += 16) {
+      // cvtps rounds to nearest even; packs interleaves 128-bit lanes, the permute restores order.
+      const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k), inv));
+      const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k + 8), inv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
+    }
+    a.scale[mg] = scale;
+    a.sum[mg] = hsum(sum);
   }
 }
 
-// The weights of one group widened to int16: 16 columns per register.
-template <int BITS, int GROUP>
-inline void load_group_i16(const uint8_t* row, int64_t k0, __m256i* w) {
+// The two int16 chunks (columns 4u .. 4u+3 of a block's 8 rows) of unit u of a block's group.
+template <int BITS>
+inline void load_unit(const uint8_t* group_values, int u, __m256i& first, __m256i& second) {
   if constexpr (BITS == 4) {
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0 / 2));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    w[0] = _mm256_cvtepu8_epi16(_mm_and_si128(packed, mask));                     // columns 0-15
-    w[1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), mask));  // columns 16-31
+    // Low nibbles into the lower 128-bit lane and high nibbles into the upper one, then widen.
+    const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group_values + 16 * u)));
+    const __m256i nibbles = _mm256_and_si256(_mm256_srlv_epi32(packed, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                             _mm256_set1_epi8(0x0F));
+    first = _mm256_unpacklo_epi8(nibbles, _mm256_setzero_si256());
+    second = _mm256_unpackhi_epi8(nibbles, _mm256_setzero_si256());
   } else {
-    for (int i = 0; i < GROUP / 16; ++i)
-      w[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0 + 16 * i)));
+    const __m128i* p = reinterpret_cast<const __m128i*>(group_values + 32 * u);
+    first = _mm256_cvtepi8_epi16(_mm_loadu_si128(p));
+    second = _mm256_cvtepi8_epi16(_mm_loadu_si128(p + 1));
   }
 }
 
-// Outputs for NT weight rows from n0 and R activation rows from m0. Every (row, output) pair has
-// its own accumulator fed group by group in order, so a value does not depend on the tile shape;
-// the NT x R independent chains hide the FMA latency. The next NT weight rows are prefetched: the
-// hardware prefetcher does not follow several interleaved row streams far enough ahead.
-template <int BITS, int GROUP, int NT, int R>
-inline void tile(const QuantizedActivations& a, int64_t m0, const BlockMatrix& w, int64_t n0, float* out) {
-  constexpr int kRegs = GROUP / 16;
-  constexpr int64_t kGroupBytes = GROUP * BITS / 8, kGroupsPerLine = 64 / kGroupBytes;
-  const int64_t G = a.G, M = a.M, row_bytes = BITS == 4 ? w.K / 2 : w.K;
-  const uint8_t* wq = w.q + n0 * row_bytes;
-  const float* ws = w.scale + n0 * G;
-  const int16_t* xq = a.q.data() + m0 * GROUP;  // this group's values of row m0; rows follow
-  const float* xs = a.scale.data() + m0;
-  __m256 acc[NT][R];
-  for (int t = 0; t < NT; ++t)
-    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g, xq += M * GROUP, xs += M) {
-    if (g % kGroupsPerLine == 0) {
-      for (int t = 0; t < NT; ++t)
-        _mm_prefetch(reinterpret_cast<const char*>(wq + (NT + t) * row_bytes + g * kGroupBytes), _MM_HINT_T0);
-    }
-    __m256i wv[NT][kRegs];
-    for (int t = 0; t < NT; ++t) load_group_i16<BITS, GROUP>(wq + t * row_bytes, g * GROUP, wv[t]);
-    for (int r = 0; r < R; ++r) {
-      const __m256i* xr = reinterpret_cast<const __m256i*>(xq + r * GROUP);
-      const __m256i x0 = _mm256_loadu_si256(xr);
-      const __m256i x1 = kRegs == 2 ? _mm256_loadu_si256(xr + 1) : x0;
-      for (int t = 0; t < NT; ++t) {
-        __m256i dot = _mm256_madd_epi16(wv[t][0], x0);
-        if constexpr (kRegs == 2) dot = _mm256_add_epi32(dot, _mm256_madd_epi16(wv[t][1], x1));
-        const __m256 s = _mm256_set1_ps(ws[t * G + g] * xs[r]);
-        acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[t][r]);
+inline __m256i broadcast_pair(const int16_t* x) {
+  int32_t pair;
+  std::memcpy(&pair, x, sizeof(pair));
+  return _mm256_set1_epi32(pair);
+}
+
+// Outputs of weight block `block` (8 rows) for R activation rows from m0. Per row and group the
+// dot products are exact int32 sums, then scaled and added to that output's fp32 accumulator in
+// group order: an output depends only on its own weight row and activation row.
+template <int BITS, int GROUP, int R>
+inline void tile(const QuantizedActivations& a, int64_t m0, const BlockMatrix& w, int64_t block, float* out) {
+  const int64_t G = w.groups(), K = w.K, group_bytes = w.group_bytes();
+  const uint8_t* wq = w.q + block * G * group_bytes;
+  const float* ws = w.scale + block * G * 8;
+  const float* wb = w.bias != nullptr ? w.bias + block * G * 8 : nullptr;
+  const int16_t* xq = a.q.data() + m0 * K;
+  const float* xs = a.scale.data() + m0 * G;
+  const float* xsum = a.sum.data() + m0 * G;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g, wq += group_bytes) {
+    _mm_prefetch(reinterpret_cast<const char*>(wq + 8 * group_bytes), _MM_HINT_T0);
+    __m256i dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
+    for (int u = 0; u < GROUP / 4; ++u) {
+      __m256i first, second;
+      load_unit<BITS>(wq, u, first, second);
+      for (int r = 0; r < R; ++r) {
+        const int16_t* x = xq + r * K + g * GROUP + 4 * u;
+        dot[r] = _mm256_add_epi32(dot[r], _mm256_add_epi32(_mm256_madd_epi16(first, broadcast_pair(x)),
+                                                           _mm256_madd_epi16(second, broadcast_pair(x + 2))));
       }
     }
-  }
-  for (int t = 0; t < NT; ++t) {
+    const __m256 scale = _mm256_loadu_ps(ws + 8 * g);
     for (int r = 0; r < R; ++r) {
-      float total = hsum(acc[t][r]);
-      if (w.bias != nullptr) total += dot_f32(w.bias + (n0 + t) * G, a.sum.data() + (m0 + r) * G, G);
-      out[(m0 + r) * w.N + n0 + t] = total;
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_mul_ps(scale, _mm256_set1_ps(xs[r * G + g])), acc[r]);
+      if (wb != nullptr) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(wb + 8 * g), _mm256_set1_ps(xsum[r * G + g]), acc[r]);
+    }
+  }
+  const int64_t n0 = block * 8, valid = std::min<int64_t>(8, w.N - n0);
+  for (int r = 0; r < R; ++r) {
+    float* dst = out + (m0 + r) * w.N + n0;
+    if (valid == 8) {
+      _mm256_storeu_ps(dst, acc[r]);
+    } else {
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, acc[r]);
+      std::copy_n(lanes, valid, dst);
     }
   }
 }
 
-// NT weight rows from n0 against all M activation rows: activation rows in tiles of 4 (each
-// weight group widened once per tile), the rest in one smaller tile. Weight rows outermost, so
-// each is read from memory once while the activations stay in cache.
-template <int BITS, int GROUP, int NT>
-inline void weight_tile(const QuantizedActivations& a, int64_t M, const BlockMatrix& w, int64_t n0, float* out) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) tile<BITS, GROUP, NT, 4>(a, m0, w, n0, out);
-  switch (M - m0) {
-    case 1: tile<BITS, GROUP, NT, 1>(a, m0, w, n0, out); break;
-    case 2: tile<BITS, GROUP, NT, 2>(a, m0, w, n0, out); break;
-    case 3: tile<BITS, GROUP, NT, 3>(a, m0, w, n0, out); break;
-    default: break;
-  }
-}
-
-// Weight rows [begin, end) against all M activation rows.
+// Weight blocks [begin, end) against all M activation rows, in tiles of up to 4 rows (a block
+// stays in L1 while its tiles pass over it).
 template <int BITS, int GROUP>
-void matmul_rows(const QuantizedActivations& a, int64_t M, const BlockMatrix& w, float* out, int64_t begin,
-                 int64_t end) {
-  int64_t n = begin;
-  for (; n + 4 <= end; n += 4) weight_tile<BITS, GROUP, 4>(a, M, w, n, out);
-  for (; n < end; ++n) weight_tile<BITS, GROUP, 1>(a, M, w, n, out);
-}
-
-inline __m256 bytes_to_floats(__m128i eight_bytes_low, bool is_signed) {
-  __m256i wide = is_signed ? _mm256_cvtepi8_epi32(eight_bytes_low) : _mm256_cvtepu8_epi32(eight_bytes_low);
-  return _mm256_cvtepi32_ps(wide);
-}
-
-// Unpack one group of GROUP (16 or 32) columns starting at column k0 of a row into floats.
-template <int BITS, int GROUP>
-inline void unpack_group(const uint8_t* row, int64_t k0, __m256* w) {
-  if constexpr (BITS == 4) {
-    __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0 / 2));
-    __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i lo = _mm_and_si128(packed, mask);
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-    w[0] = bytes_to_floats(lo, false);
-    w[1] = bytes_to_floats(_mm_srli_si128(lo, 8), false);
-    w[2] = bytes_to_floats(hi, false);
-    w[3] = bytes_to_floats(_mm_srli_si128(hi, 8), false);
-  } else {
-    for (int i = 0; i < GROUP / 8; ++i) {
-      __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k0 + 8 * i));
-      w[i] = bytes_to_floats(b, true);
+void matmul_blocks(const QuantizedActivations& a, int64_t M, const BlockMatrix& w, float* out, int64_t begin,
+                   int64_t end) {
+  for (int64_t block = begin; block < end; ++block) {
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) tile<BITS, GROUP, 4>(a, m0, w, block, out);
+    switch (M - m0) {
+      case 1: tile<BITS, GROUP, 1>(a, m0, w, block, out); break;
+      case 2: tile<BITS, GROUP, 2>(a, m0, w, block, out); break;
+      case 3: tile<BITS, GROUP, 3>(a, m0, w, block, out); break;
+      default: break;
     }
   }
 }
 
+// In-register transpose of an 8x8 matrix of 32-bit elements.
+inline void transpose8(__m256i r[8]) {
+  __m256i t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  __m256i u[8];
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      u[4 * i + j] = _mm256_unpacklo_epi64(t[4 * i + j], t[4 * i + 2 + j]);
+      u[4 * i + 2 + j] = _mm256_unpackhi_epi64(t[4 * i + j], t[4 * i + 2 + j]);
+    }
+  }
+  // u[0..3]: rows 0-3 / 4-7 interleaved per lane; combine lanes of u[i] and u[i+4].
+  const int order[4] = {0, 2, 1, 3};
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2x128_si256(u[order[i]], u[order[i] + 4], 0x20);
+    r[i + 4] = _mm256_permute2x128_si256(u[order[i]], u[order[i] + 4], 0x31);
+  }
+}
+
+// Dense fp32 rows of blocks [begin, end) into out (row n of the matrix at out + (n - first_row) * K).
+// Each 8 chunks (16 columns) of a block are one 8x8 transpose of column pairs away from 8 rows.
 template <int BITS, int GROUP>
-void dequantize_rows(const BlockMatrix& w, float* op, int64_t begin, int64_t end) {
-  const int64_t K = w.K, G = K / GROUP, row_bytes = BITS == 4 ? K / 2 : K;
-  for (int64_t n = begin; n < end; ++n) {
+void dequantize_blocks(const BlockMatrix& w, int64_t first_row, float* out, int64_t begin, int64_t end) {
+  const int64_t G = w.groups(), K = w.K, group_bytes = w.group_bytes();
+  for (int64_t block = begin; block < end; ++block) {
+    const int64_t valid = std::min<int64_t>(8, w.N - block * 8);
     for (int64_t g = 0; g < G; ++g) {
-      __m256 v[GROUP / 8];
-      unpack_group<BITS, GROUP>(w.q + n * row_bytes, g * GROUP, v);
-      const __m256 s = _mm256_set1_ps(w.scale[n * G + g]);
-      const __m256 b = _mm256_set1_ps(w.bias != nullptr ? w.bias[n * G + g] : 0.0f);
-      for (int i = 0; i < GROUP / 8; ++i) _mm256_storeu_ps(op + n * K + g * GROUP + 8 * i, _mm256_fmadd_ps(v[i], s, b));
+      const uint8_t* values = w.q + (block * G + g) * group_bytes;
+      const float* scale = w.scale + (block * G + g) * 8;
+      const float* bias = w.bias != nullptr ? w.bias + (block * G + g) * 8 : nullptr;
+      for (int half = 0; half < GROUP / 16; ++half) {
+        __m256i chunks[8];  // 8 chunks: columns 16 * half .. + 15
+        for (int u = 0; u < 4; ++u) load_unit<BITS>(values, 4 * half + u, chunks[2 * u], chunks[2 * u + 1]);
+        transpose8(chunks);  // chunks[j]: row j's 16 columns as int16
+        for (int j = 0; j < valid; ++j) {
+          float* dst = out + (block * 8 + j - first_row) * K + g * GROUP + 16 * half;
+          const __m256 s = _mm256_set1_ps(scale[j]), b = _mm256_set1_ps(bias != nullptr ? bias[j] : 0.0f);
+          const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(chunks[j])));
+          const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(chunks[j], 1)));
+          _mm256_storeu_ps(dst, _mm256_fmadd_ps(lo, s, b));
+          _mm256_storeu_ps(dst + 8, _mm256_fmadd_ps(hi, s, b));
+        }
+      }
     }
   }
 }
@@ -202,16 +211,18 @@ void dispatch(const BlockMatrix& w, F&& f) {
 }  // namespace
 
 BlockMatrix block_matrix(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& bias,
-                         int64_t group, int64_t bits) {
+                         int64_t group, int64_t bits, int64_t rows) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   TORCH_CHECK(bits == 8 ? (group == 16 || group == 32) : group == 32, "unsupported group size");
   TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == torch::kFloat32);
+  TORCH_CHECK(scale.dim() == 3 && scale.size(2) == 8 && scale.size(0) == (rows + 7) / 8,
+              "scales must be [row blocks, groups, 8]");
   const bool has_bias = bias.defined() && bias.numel() > 0;
   TORCH_CHECK(!has_bias || (bias.is_contiguous() && bias.sizes() == scale.sizes()));
-  const int64_t N = scale.size(0), K = scale.size(1) * group;
-  TORCH_CHECK(q.numel() == N * K * bits / 8, "packed values do not match the scales' shape");
+  const int64_t K = scale.size(1) * group;
+  TORCH_CHECK(q.numel() == scale.size(0) * 8 * K * bits / 8, "packed values do not match the scales' shape");
   return BlockMatrix{reinterpret_cast<const uint8_t*>(q.data_ptr()), scale.data_ptr<float>(),
-                     has_bias ? bias.data_ptr<float>() : nullptr, N, K, group, static_cast<int>(bits)};
+                     has_bias ? bias.data_ptr<float>() : nullptr, rows, K, group, static_cast<int>(bits)};
 }
 
 void block_matmul_into(const float* x, int64_t M, const BlockMatrix& w, float* out) {
@@ -220,10 +231,10 @@ void block_matmul_into(const float* x, int64_t M, const BlockMatrix& w, float* o
   static thread_local QuantizedActivations buffers;
   QuantizedActivations& a = buffers;
   quantize_activations(x, M, w.K, w.group, a);
-  // Chunks of whole 4-row weight tiles; a chunk per thread unless the matrix is tiny.
-  const int64_t grain = std::max<int64_t>(16, (w.N / at::get_num_threads() + 3) / 4 * 4);
-  at::parallel_for(0, w.N, grain, [&](int64_t begin, int64_t end) {
-    dispatch(w, [&]<int BITS, int GROUP>() { matmul_rows<BITS, GROUP>(a, M, w, out, begin, end); });
+  const int64_t blocks = w.blocks();
+  const int64_t grain = std::max<int64_t>(2, blocks / at::get_num_threads());  // a chunk per thread
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    dispatch(w, [&]<int BITS, int GROUP>() { matmul_blocks<BITS, GROUP>(a, M, w, out, begin, end); });
   });
 }
 
@@ -231,10 +242,10 @@ void block_matmul_into(const float* x, int64_t M, const BlockMatrix& w, float* o
 
 namespace {
 
-// x [M, K] fp32, returns [M, N] fp32.
+// x [M, K] fp32, returns [M, rows] fp32.
 torch::Tensor block_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor bias,
-                           int64_t group, int64_t bits) {
-  const lmserve::BlockMatrix w = lmserve::block_matrix(q, scale, bias, group, bits);
+                           int64_t group, int64_t bits, int64_t rows) {
+  const lmserve::BlockMatrix w = lmserve::block_matrix(q, scale, bias, group, bits, rows);
   x = x.contiguous();
   TORCH_CHECK(x.scalar_type() == torch::kFloat32, "activations must be fp32");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.K, "weight has ", w.K, " columns, input has ", x.size(-1));
@@ -243,15 +254,20 @@ torch::Tensor block_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scale
   return out;
 }
 
-// Writes the dense fp32 weight [N, K] into `out` (a reused buffer: fresh large allocations
-// would page-fault on every call).
+// Writes the dense fp32 rows [first_row, first_row + out rows) of the weight into `out` (a reused
+// buffer: fresh large allocations would page-fault on every call). first_row is a multiple of 8.
 void block_dequantize(torch::Tensor q, torch::Tensor scale, torch::Tensor bias, int64_t group, int64_t bits,
-                      torch::Tensor out) {
-  const lmserve::BlockMatrix w = lmserve::block_matrix(q, scale, bias, group, bits);
-  TORCH_CHECK(out.is_contiguous() && out.numel() == w.N * w.K && out.scalar_type() == torch::kFloat32);
+                      int64_t rows, int64_t first_row, torch::Tensor out) {
+  const lmserve::BlockMatrix w = lmserve::block_matrix(q, scale, bias, group, bits, rows);
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == torch::kFloat32 && out.dim() == 2 && out.size(1) == w.K);
+  const int64_t count = out.size(0);
+  TORCH_CHECK(first_row % 8 == 0 && first_row >= 0 && first_row + count <= w.N && (count % 8 == 0 || first_row + count == w.N),
+              "dequantized rows must be whole blocks of 8 (or end at the last row)");
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, w.N, 16, [&](int64_t begin, int64_t end) {
-    lmserve::dispatch(w, [&]<int BITS, int GROUP>() { lmserve::dequantize_rows<BITS, GROUP>(w, op, begin, end); });
+  at::parallel_for(first_row / 8, (first_row + count + 7) / 8, 4, [&](int64_t begin, int64_t end) {
+    lmserve::dispatch(w, [&]<int BITS, int GROUP>() {
+      lmserve::dequantize_blocks<BITS, GROUP>(w, first_row, op, begin, end);
+    });
   });
 }
 
@@ -266,6 +282,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Both release the GIL (as PyTorch's own ops do), so a server's event loop runs meanwhile.
   m.def("block_matmul", &block_matmul, "x @ W^T for a block-quantized W (fp32 activations)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("block_dequantize", &block_dequantize, "dense fp32 copy of a block-quantized weight, into out",
+  m.def("block_dequantize", &block_dequantize, "dense fp32 rows of a block-quantized weight, into out",
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -26,8 +26,8 @@ struct PackedLinear {
   BlockMatrix m;
 
   PackedLinear(torch::Tensor q_, torch::Tensor scale_, torch::Tensor offset_, int64_t group, int64_t bits,
-               torch::Tensor bias_)
-      : q(q_), scale(scale_), offset(offset_), bias(bias_), m(block_matrix(q_, scale_, offset_, group, bits)) {
+               int64_t rows, torch::Tensor bias_)
+      : q(q_), scale(scale_), offset(offset_), bias(bias_), m(block_matrix(q_, scale_, offset_, group, bits, rows)) {
     TORCH_CHECK(bias.numel() == 0 || (bias.is_contiguous() && bias.numel() == m.N &&
                                       bias.scalar_type() == torch::kFloat32));
   }
@@ -149,13 +149,13 @@ class LlamaDecoder {
                  std::vector<torch::Tensor> qkv, std::vector<torch::Tensor> o, std::vector<torch::Tensor> gate_up,
                  std::vector<torch::Tensor> down, std::vector<int64_t> formats, torch::Tensor kv_cache,
                  int64_t window) {
-    // Each linear: (q, scale, offset, bias) tensors and (group, bits) in `formats`, in the order
-    // qkv, o, gate_up, down.
+    // Each linear: (q, scale, offset, bias) tensors and (group, bits, rows) in `formats`, in the
+    // order qkv, o, gate_up, down.
     auto linear = [&](const std::vector<torch::Tensor>& t, int i) {
       TORCH_CHECK(t.size() == 4, "a linear is (q, scale, offset, bias)");
-      return PackedLinear(t[0], t[1], t[2], formats[2 * i], formats[2 * i + 1], t[3]);
+      return PackedLinear(t[0], t[1], t[2], formats[3 * i], formats[3 * i + 1], formats[3 * i + 2], t[3]);
     };
-    TORCH_CHECK(formats.size() == 8);
+    TORCH_CHECK(formats.size() == 12);
     TORCH_CHECK(kv_cache.scalar_type() == torch::kFloat32 && kv_cache.is_contiguous() && kv_cache.dim() == 4 &&
                 kv_cache.size(2) == kv_heads_ && kv_cache.size(3) == dim_, "KV cache must be fp32 [2, slots, Hkv, D]");
     layers_.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), q_norm.contiguous(),
