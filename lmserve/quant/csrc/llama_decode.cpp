@@ -48,12 +48,64 @@ struct Layer {
   int64_t window;          // sliding window in tokens, 0 for none
 };
 
+// e^x for 8 floats (Cephes' expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp).
+// Inputs below -87.3 give 0, the way expf underflows.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3365447505531f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365447505531f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(power)));
+}
+
+inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
+
 // y = x / sqrt(mean(x^2) + eps) * w, as F.rms_norm computes it in fp32.
 void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
-  float ss = 0.0f;
-  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
-  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
+  const float inv = 1.0f / std::sqrt(dot_f32(x, x, n) / static_cast<float>(n) + eps);
+  const __m256 scale = _mm256_set1_ps(inv);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), scale), _mm256_loadu_ps(w + i)));
+  for (; i < n; ++i) y[i] = x[i] * inv * w[i];
+}
+
+// out = silu(gate) * up over n values.
+void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
+  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 sigmoid = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_xor_ps(g, sign))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.0f + exp1(-gate[i])) * up[i];
+}
+
+// softmax weights exp(scores[i] - max) in place over [first, n); returns their sum.
+float exponentiate(float* scores, int64_t first, int64_t n, float max_score) {
+  const __m256 shift = _mm256_set1_ps(max_score);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t p = first;
+  for (; p + 8 <= n; p += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + p), shift));
+    _mm256_storeu_ps(scores + p, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  float total = hsum(sum);
+  for (; p < n; ++p) total += (scores[p] = exp1(scores[p] - max_score));
+  return total;
 }
 
 // x * cos + roll(x, half) * signed_sin over the first rotary_dim values (the tables of
@@ -97,16 +149,15 @@ void attend_head(const float* q, const float* k, const float* v, const int64_t* 
     for (int c = 1; c < C; ++c) acc = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(key + 8 * c), acc);
     max_score = std::max(max_score, scores[p] = hsum(acc) * scale);
   }
-  float total = 0.0f;
-  for (p = first; p < n; ++p) total += (scores[p] = std::exp(scores[p] - max_score));
+  const __m256 inv_total = _mm256_set1_ps(1.0f / exponentiate(scores, first, n, max_score));
   __m256 o[C];
   for (int c = 0; c < C; ++c) o[c] = _mm256_setzero_ps();
   for (p = first; p < n; ++p) {
     const float* value = v + slots[p] * row;
-    const __m256 w = _mm256_set1_ps(scores[p] / total);
+    const __m256 w = _mm256_set1_ps(scores[p]);
     for (int c = 0; c < C; ++c) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * c), o[c]);
   }
-  for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + 8 * c, o[c]);
+  for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(o[c], inv_total));
 }
 
 // The same for any head_dim, plainly.
@@ -114,8 +165,7 @@ void attend_head_any(const float* q, const float* k, const float* v, const int64
                      int64_t row, int64_t dim, float scale, float* scores, float* out) {
   float max_score = -std::numeric_limits<float>::infinity();
   for (int64_t p = first; p < n; ++p) max_score = std::max(max_score, scores[p] = dot_f32(q, k + slots[p] * row, dim) * scale);
-  float total = 0.0f;
-  for (int64_t p = first; p < n; ++p) total += (scores[p] = std::exp(scores[p] - max_score));
+  const float total = exponentiate(scores, first, n, max_score);
   std::fill_n(out, dim, 0.0f);
   for (int64_t p = first; p < n; ++p) {
     const float* value = v + slots[p] * row;
@@ -221,10 +271,9 @@ class LlamaDecoder {
       for (int64_t i = 0; i < B * D; ++i) h[i] += delta_[i];
       for (int64_t b = 0; b < B; ++b) rms_norm(h + b * D, l.post_norm.data_ptr<float>(), D, eps_, &normed_[b * D]);
       l.gate_up.apply(normed_.data(), B, mlp_.data());
-      for (int64_t b = 0; b < B; ++b) {
-        const float* gate = &mlp_[b * 2 * inter];
-        for (int64_t i = 0; i < inter; ++i) act_[b * inter + i] = gate[i] / (1.0f + std::exp(-gate[i])) * gate[inter + i];
-      }
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) silu_mul(&mlp_[b * 2 * inter], &mlp_[(b * 2 + 1) * inter], inter, &act_[b * inter]);
+      });
       l.down.apply(act_.data(), B, delta_.data());
       for (int64_t i = 0; i < B * D; ++i) h[i] += delta_[i];
     }
