@@ -5,6 +5,10 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 namespace lmserve {
@@ -51,6 +55,22 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
   float total = hsum(acc);
   for (; i < n; ++i) total += a[i] * b[i];
   return total;
+}
+
+// f(begin, end) over [0, count) in chunks of `chunk` that PyTorch's intra-op threads take one at a
+// time until none is left. A static split waits for its slowest thread, and on a shared VM one
+// core is often slowed for a while by others; results do not depend on which thread ran a chunk.
+template <typename F>
+void parallel_chunks(int64_t count, int64_t chunk, const F& f) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (count + chunk - 1) / chunk);
+  if (threads <= 1) {
+    if (count > 0) f(0, count);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t begin; (begin = next.fetch_add(chunk)) < count;) f(begin, std::min(count, begin + chunk));
+  });
 }
 
 // The BlockMatrix view of a packed weight's tensors (checks dtypes, shapes and contiguity).

@@ -231,9 +231,9 @@ void block_matmul_into(const float* x, int64_t M, const BlockMatrix& w, float* o
   static thread_local QuantizedActivations buffers;
   QuantizedActivations& a = buffers;
   quantize_activations(x, M, w.K, w.group, a);
-  const int64_t blocks = w.blocks();
-  const int64_t grain = std::max<int64_t>(2, blocks / at::get_num_threads());  // a chunk per thread
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  // About 8 chunks per thread, so a thread that falls behind hands work to the others.
+  const int64_t blocks = w.blocks(), chunk = std::max<int64_t>(2, blocks / (8 * at::get_num_threads()));
+  parallel_chunks(blocks, chunk, [&](int64_t begin, int64_t end) {
     dispatch(w, [&]<int BITS, int GROUP>() { matmul_blocks<BITS, GROUP>(a, M, w, out, begin, end); });
   });
 }

@@ -123,6 +123,15 @@ void rotate(float* x, const float* cos, const float* sin, int64_t rotary_dim) {
 // Attention of one query head over the cached keys and values at `slots[first..n)` (rows of
 // `row` floats; k and v point at this head's kv-head columns). Four keys at a time so their dot
 // products are independent FMA chains; the output stays in registers across positions.
+// Requests the cache lines of one head's cached row: slots scatter rows over the cache, so the
+// hardware prefetcher does not see them coming and each row would otherwise stall on memory.
+template <int D, _mm_hint HINT = _MM_HINT_T0>
+inline void prefetch_row(const float* row) {
+  for (int i = 0; i < D; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), HINT);
+}
+
+constexpr int64_t kPrefetchKeys = 16;  // how many positions ahead rows are requested
+
 template <int D>
 void attend_head(const float* q, const float* k, const float* v, const int64_t* slots, int64_t first, int64_t n,
                  int64_t row, float scale, float* scores, float* out) {
@@ -136,6 +145,10 @@ void attend_head(const float* q, const float* k, const float* v, const int64_t* 
     const float* key[4];
     __m256 acc[4];
     for (int j = 0; j < 4; ++j) {
+      if (p + j + kPrefetchKeys < n) {
+        prefetch_row<D>(k + slots[p + j + kPrefetchKeys] * row);
+        prefetch_row<D, _MM_HINT_T1>(v + slots[p + j + kPrefetchKeys] * row);  // for the weighted sum
+      }
       key[j] = k + slots[p + j] * row;
       acc[j] = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key[j]));
     }
@@ -152,7 +165,9 @@ void attend_head(const float* q, const float* k, const float* v, const int64_t* 
   const __m256 inv_total = _mm256_set1_ps(1.0f / exponentiate(scores, first, n, max_score));
   __m256 o[C];
   for (int c = 0; c < C; ++c) o[c] = _mm256_setzero_ps();
+  for (p = first; p < std::min(n, first + kPrefetchKeys); ++p) prefetch_row<D>(v + slots[p] * row);
   for (p = first; p < n; ++p) {
+    if (p + kPrefetchKeys < n) prefetch_row<D>(v + slots[p + kPrefetchKeys] * row);
     const float* value = v + slots[p] * row;
     const __m256 w = _mm256_set1_ps(scores[p]);
     for (int c = 0; c < C; ++c) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * c), o[c]);
@@ -271,7 +286,7 @@ class LlamaDecoder {
       for (int64_t i = 0; i < B * D; ++i) h[i] += delta_[i];
       for (int64_t b = 0; b < B; ++b) rms_norm(h + b * D, l.post_norm.data_ptr<float>(), D, eps_, &normed_[b * D]);
       l.gate_up.apply(normed_.data(), B, mlp_.data());
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      parallel_chunks(B, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) silu_mul(&mlp_[b * 2 * inter], &mlp_[(b * 2 + 1) * inter], inter, &act_[b * inter]);
       });
       l.down.apply(act_.data(), B, delta_.data());
@@ -328,8 +343,8 @@ class LlamaDecoder {
     const int64_t row = kv_heads_ * dim_, plane = l.kv_cache.size(1) * row, group = heads_ / kv_heads_;
     const int64_t qkv_width = (heads_ + 2 * kv_heads_) * dim_;
     const float scale = static_cast<float>(scale_);
-    const int64_t grain = std::max<int64_t>(1, 512 / std::max<int64_t>(1, L));  // ~512 keys per thread at least
-    at::parallel_for(0, B * heads_, grain, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, 512 / std::max<int64_t>(1, L));  // ~512 keys per chunk at least
+    parallel_chunks(B * heads_, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(L);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / heads_, head = task % heads_, kv = head / group;
