@@ -316,3 +316,23 @@ def test_filters_same_whether_batched_or_alone():
     for i, p in enumerate(params):
         assert torch.equal(batched[i], apply_filters(logits[i:i + 1], [p])[0])
     assert torch.isfinite(batched[0]).sum() == 3
+
+
+def test_native_row_argmax_and_logsumexp_equal_pytorch():
+    """The sampler's one-pass CPU statistics: the first index of a tied maximum, masked (-inf)
+    entries, a vocabulary that is not a multiple of the vector width, wide value ranges."""
+    from lmserve.quant import native
+
+    ext = native.load()
+    if ext is None:
+        pytest.skip("the native extension did not build here")
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1003, generator=generator) * torch.tensor([[0.1], [1.0], [10.0], [30.0], [3.0], [1.0]])
+    logits[1, 17] = logits[1, 900] = logits[1].max() + 1  # tie: the first index wins
+    logits[2, ::3] = float("-inf")
+    logits[4, 1001] = 50.0  # the maximum in the scalar tail
+    logits[5, :-1] = float("-inf")  # a single finite entry
+    ids, log_norm = ext.argmax_logsumexp(logits)
+    assert ids.tolist() == logits.argmax(dim=-1).tolist()
+    assert ids[1] == 17 and ids[4] == 1001 and ids[5] == 1002
+    torch.testing.assert_close(log_norm, torch.logsumexp(logits, dim=-1), rtol=1e-6, atol=1e-5)

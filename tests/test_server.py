@@ -208,7 +208,9 @@ def test_disconnect_non_streaming_aborts(url, http):
 
 def test_request_timeout_aborts(async_engine, http):
     body = {"prompt": PROMPTS[1], "max_tokens": 4000, "ignore_eos": True}
-    with running(build_app(async_engine, MODEL, request_timeout=0.5)) as base:
+    # Long enough for the first token even on a loaded machine (the stream has started), far
+    # shorter than 4,000 tokens.
+    with running(build_app(async_engine, MODEL, request_timeout=2.0)) as base:
         _assert_error(httpx.post(f"{base}/v1/completions", json=body, timeout=30), 504)
         with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=30) as response:
             events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]

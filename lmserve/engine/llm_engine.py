@@ -9,7 +9,6 @@ the `LLM` class drive `step()` in a loop.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import time
@@ -135,9 +134,6 @@ class LLMEngine:
             self.stop_token_ids = frozenset(self.tokenizer.stop_token_ids)
         else:
             self.stop_token_ids = frozenset(self.model_config.eos_token_ids)
-        # Everything loaded so far lives as long as the engine: keep it out of the cyclic
-        # collector's scans, which otherwise walk it again and again while requests run.
-        gc.freeze()
 
     # ---- requests -------------------------------------------------------------------------
 

@@ -1,9 +1,9 @@
 """Token and learned position embeddings, and the LM head that may share the token table.
 
-A table loaded from a quantized GGUF tensor stays packed (int8 values with group scales) and
-lookups dequantize only the rows they gather. An LM head whose weight is quantized — its own or
-the tied embedding's — multiplies through a packed kernel (`quant.packed.pack`: our block kernel,
-or PyTorch's int4 kernel without it); a tied head keeps its own copy in that kernel's layout.
+A table loaded from a quantized GGUF tensor stays packed (`quant.packed.pack_table`: our block
+kernel's layout, or int8 groups without it) and lookups dequantize only the rows they gather. An
+LM head whose weight is quantized multiplies through a packed kernel; a head tied to a table in
+our kernel's layout uses that same storage, otherwise it keeps its own packed copy.
 """
 
 import torch
@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.layers.linear import copy_checked
-from lmserve.quant import native
 from lmserve.quant.gguf_blocks import GroupQuantized
-from lmserve.quant.packed import Int8GroupWeight, pack
+from lmserve.quant.packed import BlockWeight, Int4Weight, Int8GroupWeight, pack, pack_table
 
 
 
@@ -25,12 +24,12 @@ class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, dim), requires_grad=False)
-        self.packed: Int8GroupWeight | None = None
+        self.packed: BlockWeight | Int8GroupWeight | None = None
         self.dtype = torch.get_default_dtype()
 
     def load_shard(self, param_name: str, tensor, shard: str | None = None) -> None:
         if isinstance(tensor, GroupQuantized):
-            self.packed = Int8GroupWeight(tensor)
+            self.packed = pack_table(tensor)
             del self.weight
             self.weight = None
         else:
@@ -82,9 +81,11 @@ class LMHead(nn.Module):
         return F.linear(hidden, weight)
 
 
-def _head_from_table(table: Int8GroupWeight) -> torch.nn.Module:
-    if native.load() is None and table.group % 32:
+def _head_from_table(table: BlockWeight | Int8GroupWeight) -> torch.nn.Module:
+    if isinstance(table, BlockWeight):
+        return table  # the kernel multiplies with the table's own storage
+    if table.group % 32:
         return table  # no int4 layout for groups this small: dequantize-then-matmul
     low, high = int(table.q.min()), int(table.q.max())
     bias = None if table.bias is None else table.bias.numpy()
-    return pack(GroupQuantized(table.q.numpy(), table.scale.numpy(), bias, table.group, (low, high)))
+    return Int4Weight(GroupQuantized(table.q.numpy(), table.scale.numpy(), bias, table.group, (low, high)))

@@ -52,6 +52,8 @@ def _unsupported(model: torch.nn.Module, engine_config: EngineConfig) -> str | N
                                                layer.mlp.gate_up_proj, layer.mlp.down_proj)]
     if not all(isinstance(m.packed, BlockWeight) for m in linears):
         return "not every linear layer is block-quantized"
+    if model.model.embed_tokens.packed is not None and not isinstance(model.model.embed_tokens.packed, BlockWeight):
+        return "the token table is not block-quantized"
     if model.config.hidden_act != "silu":
         return f"activation {model.config.hidden_act}"
     return None
@@ -70,13 +72,13 @@ def build_fused_decoder(model: torch.nn.Module, engine_config: EngineConfig):
     cfg = model.config
     attn0 = model.model.layers[0].self_attn.attn
     empty = torch.empty(0)
-    table = model.model.embed_tokens
-    if table.packed is not None:
-        embed = (table.packed.q, table.packed.scale, table.packed.bias if table.packed.bias is not None else empty)
+    table = model.model.embed_tokens.packed
+    if table is not None:
+        embed, embed_format = [table.q, table.scale, table.bias], [table.group, table.bits, table.out_features]
     else:
-        embed = (table.weight.data.float(), empty, empty)
+        embed, embed_format = [model.model.embed_tokens.weight.data.float().contiguous()], []
     decoder = ext.LlamaDecoder(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, attn0.scale,
-                               model.rotary.cos_cache.float(), model.rotary.sin_cache.float(), *embed,
+                               model.rotary.cos_cache.float(), model.rotary.sin_cache.float(), embed, embed_format,
                                model.model.norm.weight.data)
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp

@@ -1,5 +1,5 @@
-"""Builds and loads the native CPU code in `csrc/`: the block-quantized matmul and the fused
-Llama decode step built on it.
+"""Builds and loads the native CPU code in `csrc/`: the block-quantized matmul, the fused
+Llama decode step built on it, and the sampler's per-row argmax and log-sum-exp.
 
 The extension is compiled once per machine with PyTorch's extension builder (ninja + the
 system C++ compiler), cached on disk (TORCH_EXTENSIONS_DIR, by default under ~/.cache), and
@@ -22,8 +22,8 @@ _SOURCES = sorted(str(p) for p in (Path(__file__).parent / "csrc").glob("*.cpp")
 
 @cache
 def load():
-    """The compiled module (`block_matmul`, `block_dequantize`, `LlamaDecoder`), or None. The Makefile's
-    install step calls this once so the compile happens at set-up rather than in a first request."""
+    """The compiled module (`block_matmul`, `block_dequantize`, `LlamaDecoder`,
+    `argmax_logsumexp`), or None. The Makefile's install step calls this once so the compile happens at set-up rather than in a first request."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         logger.info("no AVX2 on this CPU: quantized layers use PyTorch's int4 kernel")
         return None

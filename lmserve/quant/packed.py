@@ -6,8 +6,8 @@
   weight-only kernel `_weight_int4pack_mm_for_cpu` (w = (u - 8) * scale + zero). GGUF Q4_0, Q4_1
   and Q4_K map onto it directly, wider formats with groups of 32 (Q5_0, Q5_1, Q5_K, Q8_0) as two
   nibble planes; exact up to the bf16 scales the kernel takes. int4 quantization at load too.
-- `Int8GroupWeight`: int8 values with per-group scales (and offsets): formats whose groups are
-  smaller than 32 (Q6_K), and quantized embedding tables, which are gathered row by row.
+- `Int8GroupWeight`: int8 values with per-group scales (and offsets), without our kernel:
+  formats whose groups are smaller than 32 (Q6_K), and quantized embedding tables.
 
 PyTorch's CPU kernels (the fallbacks) are fast only with bf16 activations and amortise poorly
 over many rows, so a matmul with few rows runs the kernel on bf16 inputs and returns the caller's dtype, while a
@@ -104,6 +104,12 @@ class BlockWeight(KernelOrGemmWeight):
         out = torch.empty(self.out_features, self.in_features)
         self._dequantize_into(0, out)
         return out.to(dtype)
+
+    def dequantize_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The given rows only, dense (token-table lookups): [*rows.shape, in_features]."""
+        out = self.native.block_gather_rows(self.q, self.scale, self.bias, self.group, self.bits,
+                                            self.out_features, rows.reshape(-1).long())
+        return out.to(dtype).view(*rows.shape, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
@@ -228,6 +234,15 @@ def quantize_int8(weight: torch.Tensor, group: int = 32) -> GroupQuantized:
     scale = (w.abs().amax(dim=-1) / 127).clamp_min(1e-12)
     q = torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8)
     return GroupQuantized(q.reshape(rows, cols).numpy(), scale.numpy(), None, group, (-127, 127))
+
+
+def pack_table(gq: GroupQuantized) -> BlockWeight | Int8GroupWeight:
+    """A token table: our kernel's layout where it builds (rows are gathered from it, and a tied
+    LM head multiplies with the same storage), else int8 groups."""
+    ext = native.load()
+    if ext is not None and gq.group in (16, 32):
+        return BlockWeight(gq, ext)
+    return Int8GroupWeight(gq)
 
 
 def pack(gq: GroupQuantized) -> nn.Module:

@@ -1,10 +1,10 @@
-// Shared declarations of the CPU fast path's native code: the block-quantized matmul
-// (block_matmul.cpp) and the fused Llama decode step built on it (llama_decode.cpp).
+// Shared declarations and vector helpers of the CPU fast path's native code: the block-quantized
+// matmul (block_matmul.cpp), the fused Llama decode step built on it (llama_decode.cpp) and the
+// sampler's per-row statistics (row_stats.cpp).
 #pragma once
 
 #include <immintrin.h>
 #include <torch/extension.h>
-
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -47,6 +47,37 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Largest of a register's 8 floats.
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// e^x for 8 floats (Cephes' expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp).
+// Inputs below -87.3 give 0, the way expf underflows.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3365447505531f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365447505531f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(power)));
+}
+
+inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
+
 // sum_i a[i] * b[i] in a fixed order (8 lanes, then the tail).
 inline float dot_f32(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
@@ -80,5 +111,8 @@ BlockMatrix block_matrix(const torch::Tensor& q, const torch::Tensor& scale, con
 // out[M, N] = x[M, K] @ W^T, fp32, threads from PyTorch's intra-op pool. Each output row depends
 // only on its own input row, so results do not change with the batch around a row.
 void block_matmul_into(const float* x, int64_t M, const BlockMatrix& w, float* out);
+
+// out[i, :] = W[ids[i], :] in fp32 for `count` rows (checked in range): token-table lookups.
+void block_gather_rows(const BlockMatrix& w, const int64_t* ids, int64_t count, float* out);
 
 }  // namespace lmserve

@@ -16,13 +16,6 @@
 namespace lmserve {
 namespace {
 
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // Activations of M rows quantized per group: int16 values [M][K], and per [M][G] their scale and
 // (for the offset term, sum_k x * bias = bias * sum_k x) their exact fp32 sum.
 struct QuantizedActivations {
@@ -238,6 +231,31 @@ void block_matmul_into(const float* x, int64_t M, const BlockMatrix& w, float* o
   });
 }
 
+void block_gather_rows(const BlockMatrix& w, const int64_t* ids, int64_t count, float* out) {
+  const int64_t G = w.groups(), group = w.group, group_bytes = w.group_bytes();
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < w.N, "row ", ids[i], " out of range");
+    const int64_t block = ids[i] / 8, lane = ids[i] % 8;
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* values = w.q + (block * G + g) * group_bytes;
+      const float scale = w.scale[(block * G + g) * 8 + lane];
+      const float bias = w.bias != nullptr ? w.bias[(block * G + g) * 8 + lane] : 0.0f;
+      float* dst = out + i * w.K + g * group;
+      for (int64_t j = 0; j < group; ++j) {
+        // Column j's byte in the chunk layout of block_kernels.h.
+        int value;
+        if (w.bits == 8) {
+          value = static_cast<int8_t>(values[(j / 2) * 16 + 2 * lane + j % 2]);
+        } else {
+          const uint8_t byte = values[(j / 4) * 16 + 8 * ((j % 4) / 2) + 2 * (lane % 4) + j % 2];
+          value = lane < 4 ? byte & 0x0F : byte >> 4;
+        }
+        dst[j] = static_cast<float>(value) * scale + bias;
+      }
+    }
+  }
+}
+
 }  // namespace lmserve
 
 namespace {
@@ -271,17 +289,32 @@ void block_dequantize(torch::Tensor q, torch::Tensor scale, torch::Tensor bias, 
   });
 }
 
+// Dense fp32 rows `ids` [n] of the weight, [n, K] (embedding lookups in a packed token table).
+torch::Tensor block_gather_rows(torch::Tensor q, torch::Tensor scale, torch::Tensor bias, int64_t group, int64_t bits,
+                                int64_t rows, torch::Tensor ids) {
+  const lmserve::BlockMatrix w = lmserve::block_matrix(q, scale, bias, group, bits, rows);
+  ids = ids.contiguous();
+  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1, "ids must be int64 [n]");
+  auto out = torch::empty({ids.size(0), w.K}, torch::kFloat32);
+  lmserve::block_gather_rows(w, ids.data_ptr<int64_t>(), ids.size(0), out.data_ptr<float>());
+  return out;
+}
+
 }  // namespace
 
 namespace lmserve {
 void bind_llama_decode(pybind11::module& m);  // llama_decode.cpp
+void bind_row_stats(pybind11::module& m);     // row_stats.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   lmserve::bind_llama_decode(m);
+  lmserve::bind_row_stats(m);
   // Both release the GIL (as PyTorch's own ops do), so a server's event loop runs meanwhile.
   m.def("block_matmul", &block_matmul, "x @ W^T for a block-quantized W (fp32 activations)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("block_dequantize", &block_dequantize, "dense fp32 rows of a block-quantized weight, into out",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("block_gather_rows", &block_gather_rows, "dense fp32 copies of the given rows of a block-quantized weight",
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }

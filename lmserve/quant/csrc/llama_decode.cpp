@@ -48,29 +48,6 @@ struct Layer {
   int64_t window;          // sliding window in tokens, 0 for none
 };
 
-// e^x for 8 floats (Cephes' expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp).
-// Inputs below -87.3 give 0, the way expf underflows.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3365447505531f), _CMP_LT_OQ);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365447505531f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(power)));
-}
-
-inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
-
 // y = x / sqrt(mean(x^2) + eps) * w, as F.rms_norm computes it in fp32.
 void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
   const float inv = 1.0f / std::sqrt(dot_f32(x, x, n) / static_cast<float>(n) + eps);
@@ -191,23 +168,25 @@ void attend_head_any(const float* q, const float* k, const float* v, const int64
 
 class LlamaDecoder {
  public:
-  // The token table is dense fp32 [V, hidden] (embed_scale and embed_bias empty) or int8 values
-  // with one scale (and optional offset) per group of columns, as quant.packed.Int8GroupWeight.
+  // The token table is dense fp32 [V, hidden] (`embed` = {table}, `embed_format` empty) or a
+  // block-quantized matrix (`embed` = {q, scale, offset}, `embed_format` = {group, bits, rows}).
   LlamaDecoder(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double attn_scale,
-               torch::Tensor cos_table, torch::Tensor sin_table, torch::Tensor embed, torch::Tensor embed_scale,
-               torch::Tensor embed_bias, torch::Tensor final_norm)
+               torch::Tensor cos_table, torch::Tensor sin_table, std::vector<torch::Tensor> embed,
+               std::vector<int64_t> embed_format, torch::Tensor final_norm)
       : heads_(num_heads), kv_heads_(num_kv_heads), dim_(head_dim), eps_(eps), scale_(attn_scale),
         cos_(cos_table.contiguous()), sin_(sin_table.contiguous()), rotary_dim_(cos_table.size(-1)),
-        embed_(embed.contiguous()), embed_scale_(embed_scale.contiguous()), embed_bias_(embed_bias.contiguous()),
-        final_norm_(final_norm.contiguous()) {
+        embed_(std::move(embed)), final_norm_(final_norm.contiguous()) {
     TORCH_CHECK(num_heads % num_kv_heads == 0 && rotary_dim_ <= head_dim && rotary_dim_ % 2 == 0);
-    const bool packed = embed_scale_.numel() > 0;
-    TORCH_CHECK(embed_.dim() == 2 && embed_.scalar_type() == (packed ? torch::kInt8 : torch::kFloat32),
-                "token table must be fp32, or int8 with group scales");
-    TORCH_CHECK(!packed || (embed_scale_.scalar_type() == torch::kFloat32 && embed_scale_.size(0) == embed_.size(0) &&
-                            embed_.size(1) % embed_scale_.size(1) == 0));
-    TORCH_CHECK(embed_bias_.numel() == 0 || embed_bias_.sizes() == embed_scale_.sizes());
-    TORCH_CHECK(final_norm_.numel() == embed_.size(1));
+    if (embed_format.empty()) {
+      TORCH_CHECK(embed_.size() == 1 && embed_[0].dim() == 2 && embed_[0].scalar_type() == torch::kFloat32 &&
+                  embed_[0].is_contiguous(), "a dense token table must be contiguous fp32 [V, hidden]");
+      vocab_ = embed_[0].size(0), hidden_ = embed_[0].size(1);
+    } else {
+      TORCH_CHECK(embed_.size() == 3 && embed_format.size() == 3, "a packed token table is (q, scale, offset)");
+      packed_embed_ = block_matrix(embed_[0], embed_[1], embed_[2], embed_format[0], embed_format[1], embed_format[2]);
+      vocab_ = packed_embed_.N, hidden_ = packed_embed_.K;
+    }
+    TORCH_CHECK(final_norm_.numel() == hidden_);
   }
 
   void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, torch::Tensor q_norm, torch::Tensor k_norm,
@@ -242,7 +221,7 @@ class LlamaDecoder {
     token_ids = token_ids.contiguous();
     positions = positions.contiguous();
     block_tables = block_tables.contiguous();
-    const int64_t B = token_ids.numel(), D = embed_.size(1), max_blocks = block_tables.size(1);
+    const int64_t B = token_ids.numel(), D = hidden_, max_blocks = block_tables.size(1);
     TORCH_CHECK(positions.numel() == B && block_tables.size(0) == B && block_size > 0);
     torch::Tensor hidden = torch::empty({B, D}, torch::kFloat32);
     embed(token_ids.data_ptr<int64_t>(), B, hidden.data_ptr<float>());
@@ -297,24 +276,15 @@ class LlamaDecoder {
   }
 
  private:
-  // The token table's rows for `ids`, dequantized as Int8GroupWeight.dequantize_rows does.
+  // The token table's rows for `ids` (each checked in range).
   void embed(const int64_t* ids, int64_t B, float* out) const {
-    const int64_t V = embed_.size(0), D = embed_.size(1);
-    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(ids[b] >= 0 && ids[b] < V, "token id ", ids[b], " out of range");
-    if (embed_scale_.numel() == 0) {
-      for (int64_t b = 0; b < B; ++b) std::copy_n(embed_.data_ptr<float>() + ids[b] * D, D, out + b * D);
+    if (embed_.size() == 3) {
+      block_gather_rows(packed_embed_, ids, B, out);
       return;
     }
-    const int64_t G = embed_scale_.size(1), group = D / G;
-    const int8_t* q = embed_.data_ptr<int8_t>();
-    const float* scale = embed_scale_.data_ptr<float>();
-    const float* bias = embed_bias_.numel() > 0 ? embed_bias_.data_ptr<float>() : nullptr;
     for (int64_t b = 0; b < B; ++b) {
-      for (int64_t k = 0; k < D; ++k) {
-        const int64_t g = ids[b] * G + k / group;
-        const float v = static_cast<float>(q[ids[b] * D + k]) * scale[g];
-        out[b * D + k] = bias != nullptr ? v + bias[g] : v;
-      }
+      TORCH_CHECK(ids[b] >= 0 && ids[b] < vocab_, "token id ", ids[b], " out of range");
+      std::copy_n(embed_[0].data_ptr<float>() + ids[b] * hidden_, hidden_, out + b * hidden_);
     }
   }
 
@@ -370,7 +340,10 @@ class LlamaDecoder {
   double eps_, scale_;
   torch::Tensor cos_, sin_;
   int64_t rotary_dim_;
-  torch::Tensor embed_, embed_scale_, embed_bias_, final_norm_;
+  std::vector<torch::Tensor> embed_;  // kept alive for packed_embed_ / the dense table
+  BlockMatrix packed_embed_{};
+  int64_t vocab_ = 0, hidden_ = 0;
+  torch::Tensor final_norm_;
   std::vector<Layer> layers_;
   int64_t widest_window_ = 0;  // the largest sliding window, 0 when some layer sees the whole context
   std::vector<float> normed_, qkv_, attn_, mlp_, act_, delta_;  // per-step scratch, reused
@@ -381,8 +354,8 @@ class LlamaDecoder {
 
 void bind_llama_decode(pybind11::module& m) {
   pybind11::class_<LlamaDecoder>(m, "LlamaDecoder")
-      .def(pybind11::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, torch::Tensor, torch::Tensor,
-                          torch::Tensor, torch::Tensor, torch::Tensor>())
+      .def(pybind11::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, torch::Tensor,
+                          std::vector<torch::Tensor>, std::vector<int64_t>, torch::Tensor>())
       .def("add_layer", &LlamaDecoder::add_layer)
       .def("forward", &LlamaDecoder::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
