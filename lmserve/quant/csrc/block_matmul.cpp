@@ -161,31 +161,38 @@ inline void transpose8(__m256i r[8]) {
   }
 }
 
+// Rows [first_lane, end_lane) of block `block` in group g, dequantized to fp32 at row(lane): each
+// 8 chunks (16 columns) of a block are one 8x8 transpose of column pairs away from 8 rows.
+template <int BITS, int GROUP, typename RowOut>
+inline void dequantize_block_group(const BlockMatrix& w, int64_t block, int64_t g, int64_t first_lane,
+                                   int64_t end_lane, const RowOut& row) {
+  const int64_t G = w.groups();
+  const uint8_t* values = w.q + (block * G + g) * w.group_bytes();
+  const float* scale = w.scale + (block * G + g) * 8;
+  const float* bias = w.bias != nullptr ? w.bias + (block * G + g) * 8 : nullptr;
+  for (int half = 0; half < GROUP / 16; ++half) {
+    __m256i chunks[8];  // 8 chunks: columns 16 * half .. + 15
+    for (int u = 0; u < 4; ++u) load_unit<BITS>(values, 4 * half + u, chunks[2 * u], chunks[2 * u + 1]);
+    transpose8(chunks);  // chunks[j]: row j's 16 columns as int16
+    for (int64_t j = first_lane; j < end_lane; ++j) {
+      float* dst = row(j) + g * GROUP + 16 * half;
+      const __m256 s = _mm256_set1_ps(scale[j]), b = _mm256_set1_ps(bias != nullptr ? bias[j] : 0.0f);
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(chunks[j])));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(chunks[j], 1)));
+      _mm256_storeu_ps(dst, _mm256_fmadd_ps(lo, s, b));
+      _mm256_storeu_ps(dst + 8, _mm256_fmadd_ps(hi, s, b));
+    }
+  }
+}
+
 // Dense fp32 rows of blocks [begin, end) into out (row n of the matrix at out + (n - first_row) * K).
-// Each 8 chunks (16 columns) of a block are one 8x8 transpose of column pairs away from 8 rows.
 template <int BITS, int GROUP>
 void dequantize_blocks(const BlockMatrix& w, int64_t first_row, float* out, int64_t begin, int64_t end) {
-  const int64_t G = w.groups(), K = w.K, group_bytes = w.group_bytes();
   for (int64_t block = begin; block < end; ++block) {
     const int64_t valid = std::min<int64_t>(8, w.N - block * 8);
-    for (int64_t g = 0; g < G; ++g) {
-      const uint8_t* values = w.q + (block * G + g) * group_bytes;
-      const float* scale = w.scale + (block * G + g) * 8;
-      const float* bias = w.bias != nullptr ? w.bias + (block * G + g) * 8 : nullptr;
-      for (int half = 0; half < GROUP / 16; ++half) {
-        __m256i chunks[8];  // 8 chunks: columns 16 * half .. + 15
-        for (int u = 0; u < 4; ++u) load_unit<BITS>(values, 4 * half + u, chunks[2 * u], chunks[2 * u + 1]);
-        transpose8(chunks);  // chunks[j]: row j's 16 columns as int16
-        for (int j = 0; j < valid; ++j) {
-          float* dst = out + (block * 8 + j - first_row) * K + g * GROUP + 16 * half;
-          const __m256 s = _mm256_set1_ps(scale[j]), b = _mm256_set1_ps(bias != nullptr ? bias[j] : 0.0f);
-          const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(chunks[j])));
-          const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(chunks[j], 1)));
-          _mm256_storeu_ps(dst, _mm256_fmadd_ps(lo, s, b));
-          _mm256_storeu_ps(dst + 8, _mm256_fmadd_ps(hi, s, b));
-        }
-      }
-    }
+    for (int64_t g = 0; g < w.groups(); ++g)
+      dequantize_block_group<BITS, GROUP>(w, block, g, 0, valid,
+                                          [&](int64_t j) { return out + (block * 8 + j - first_row) * w.K; });
   }
 }
 
@@ -232,27 +239,13 @@ void block_matmul_into(const float* x, int64_t M, const BlockMatrix& w, float* o
 }
 
 void block_gather_rows(const BlockMatrix& w, const int64_t* ids, int64_t count, float* out) {
-  const int64_t G = w.groups(), group = w.group, group_bytes = w.group_bytes();
   for (int64_t i = 0; i < count; ++i) {
     TORCH_CHECK(ids[i] >= 0 && ids[i] < w.N, "row ", ids[i], " out of range");
     const int64_t block = ids[i] / 8, lane = ids[i] % 8;
-    for (int64_t g = 0; g < G; ++g) {
-      const uint8_t* values = w.q + (block * G + g) * group_bytes;
-      const float scale = w.scale[(block * G + g) * 8 + lane];
-      const float bias = w.bias != nullptr ? w.bias[(block * G + g) * 8 + lane] : 0.0f;
-      float* dst = out + i * w.K + g * group;
-      for (int64_t j = 0; j < group; ++j) {
-        // Column j's byte in the chunk layout of block_kernels.h.
-        int value;
-        if (w.bits == 8) {
-          value = static_cast<int8_t>(values[(j / 2) * 16 + 2 * lane + j % 2]);
-        } else {
-          const uint8_t byte = values[(j / 4) * 16 + 8 * ((j % 4) / 2) + 2 * (lane % 4) + j % 2];
-          value = lane < 4 ? byte & 0x0F : byte >> 4;
-        }
-        dst[j] = static_cast<float>(value) * scale + bias;
-      }
-    }
+    dispatch(w, [&]<int BITS, int GROUP>() {
+      for (int64_t g = 0; g < w.groups(); ++g)
+        dequantize_block_group<BITS, GROUP>(w, block, g, lane, lane + 1, [&](int64_t) { return out + i * w.K; });
+    });
   }
 }
 

@@ -16,16 +16,14 @@ std::pair<int64_t, float> argmax_logsumexp_row(const float* x, int64_t n) {
   for (; i + 8 <= n; i += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(x + i));
   float max_value = hmax(top);
   for (; i < n; ++i) max_value = std::max(max_value, x[i]);
-  int64_t index = 0;
+  // The first block of 8 holding the maximum, then its first lane.
   const __m256 target = _mm256_set1_ps(max_value);
-  for (i = 0; i + 8 <= n; i += 8) {
-    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), target, _CMP_EQ_OQ));
-    if (mask != 0) break;
-  }
-  for (index = i; index < n && x[index] != max_value; ++index) {}
-  const __m256 shift = _mm256_set1_ps(max_value);
+  int64_t index = 0;
+  while (index + 8 <= n && _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + index), target, _CMP_EQ_OQ)) == 0)
+    index += 8;
+  while (x[index] != max_value) ++index;
   __m256 sum = _mm256_setzero_ps();
-  for (i = 0; i + 8 <= n; i += 8) sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift)));
+  for (i = 0; i + 8 <= n; i += 8) sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), target)));
   float total = hsum(sum);
   for (; i < n; ++i) total += exp1(x[i] - max_value);
   return {index, max_value + std::log(total)};
