@@ -13,7 +13,7 @@ from lmserve.layers.embedding import LMHead, VocabEmbedding
 from lmserve.layers.linear import Linear, MergedLinear
 from lmserve.quant.gguf_blocks import PACKABLE_TYPES, decode
 from lmserve.quant import native
-from lmserve.quant.packed import BlockWeight, Int4Weight, Int8GroupWeight
+from lmserve.quant.packed import BlockWeight, GroupWeight, Int4Weight
 
 # Formats gguf-py can quantize; the K formats are built from random blocks with sane fp16 scales.
 QUANTIZABLE = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
@@ -54,7 +54,7 @@ def test_decoded_blocks_equal_gguf_dequantization(type_name):
 
 
 def _torch_kernel_form(gq):
-    return Int4Weight(gq) if gq.group % 32 == 0 else Int8GroupWeight(gq)
+    return Int4Weight(gq) if gq.group % 32 == 0 else GroupWeight(gq)
 
 
 def _native_form(gq):
@@ -81,6 +81,21 @@ def test_packed_matmul_equals_fp32_dequantized_matmul(form, type_name, rows, bat
     assert error <= tolerance, f"relative error {error:.2e}"
     bf16_rounding = 0 if isinstance(weight, BlockWeight) else float(np.abs(reference).max()) * 2**-7
     torch.testing.assert_close(weight.dequantize(), torch.from_numpy(reference), rtol=0, atol=bf16_rounding)
+
+
+@pytest.mark.parametrize("type_name", QUANTIZABLE + K_TYPES)
+def test_fallback_dequantize_equals_gguf_values(type_name):
+    """The fallback's dense weight (prefill without the native kernels) comes from values in a
+    layout we own, never from PyTorch's int4 packing, whose layout differs between its AVX2 and
+    AVX-512 builds: it equals gguf-py's dequantization up to fp32 rounding on any CPU."""
+    raw, reference = _quantized(type_name, 43, 256, seed=5)
+    weight = _torch_kernel_form(decode(raw, type_name, (43, 256)))
+    fp32_rounding = float(np.abs(reference).max()) * 2**-20
+    torch.testing.assert_close(weight.dequantize(), torch.from_numpy(reference), rtol=0, atol=fp32_rounding)
+    rows = torch.tensor([[42, 0], [7, 7]])
+    torch.testing.assert_close(weight.dense.dequantize_rows(rows) if isinstance(weight, Int4Weight)
+                               else weight.dequantize_rows(rows), torch.from_numpy(reference)[rows],
+                               rtol=0, atol=fp32_rounding)
 
 
 def test_fused_layer_packs_shards_of_different_formats():

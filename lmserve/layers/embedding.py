@@ -12,7 +12,7 @@ from torch import nn
 
 from lmserve.layers.linear import copy_checked
 from lmserve.quant.gguf_blocks import GroupQuantized
-from lmserve.quant.packed import BlockWeight, Int4Weight, Int8GroupWeight, pack, pack_table
+from lmserve.quant.packed import BlockWeight, GroupWeight, Int4Weight, pack, pack_table
 
 
 
@@ -24,7 +24,7 @@ class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, dim), requires_grad=False)
-        self.packed: BlockWeight | Int8GroupWeight | None = None
+        self.packed: BlockWeight | GroupWeight | None = None
         self.dtype = torch.get_default_dtype()
 
     def load_shard(self, param_name: str, tensor, shard: str | None = None) -> None:
@@ -81,11 +81,9 @@ class LMHead(nn.Module):
         return F.linear(hidden, weight)
 
 
-def _head_from_table(table: BlockWeight | Int8GroupWeight) -> torch.nn.Module:
+def _head_from_table(table: BlockWeight | GroupWeight) -> torch.nn.Module:
     if isinstance(table, BlockWeight):
         return table  # the kernel multiplies with the table's own storage
     if table.group % 32:
         return table  # no int4 layout for groups this small: dequantize-then-matmul
-    low, high = int(table.q.min()), int(table.q.max())
-    bias = None if table.bias is None else table.bias.numpy()
-    return Int4Weight(GroupQuantized(table.q.numpy(), table.scale.numpy(), bias, table.group, (low, high)))
+    return Int4Weight(table.group_quantized(), dense=table)  # the head dequantizes the table itself

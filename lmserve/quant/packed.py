@@ -2,12 +2,13 @@
 
 - `BlockWeight`: our C++ kernel's storage (4-bit or int8 values, fp32 group scales and offsets),
   computed with fp32 activations; the default wherever the extension builds.
-- `Int4Weight`: values in groups of 32 along the input dim, in the layout of PyTorch's CPU
+- `Int4Weight`: values in groups of 32 along the input dim, packed for PyTorch's CPU
   weight-only kernel `_weight_int4pack_mm_for_cpu` (w = (u - 8) * scale + zero). GGUF Q4_0, Q4_1
   and Q4_K map onto it directly, wider formats with groups of 32 (Q5_0, Q5_1, Q5_K, Q8_0) as two
   nibble planes; exact up to the bf16 scales the kernel takes. int4 quantization at load too.
-- `Int8GroupWeight`: int8 values with per-group scales (and offsets), without our kernel:
-  formats whose groups are smaller than 32 (Q6_K), and quantized embedding tables.
+- `GroupWeight`: 4-bit or int8 values with per-group scales (and offsets) in our own layout,
+  without a kernel: formats whose groups are smaller than 32 (Q6_K), quantized embedding tables,
+  and the exact dense form of an `Int4Weight`.
 
 PyTorch's CPU kernels (the fallbacks) are fast only with bf16 activations and amortise poorly
 over many rows, so a matmul with few rows runs the kernel on bf16 inputs and returns the caller's dtype, while a
@@ -27,7 +28,9 @@ from lmserve.quant.gguf_blocks import GroupQuantized
 
 # Matmuls with at most this many rows use the packed kernels; more rows dequantize and use GEMM.
 KERNEL_MAX_ROWS = 32
-_INT4_BLOCK_N = 32  # rows per block of the CPU int4 packing
+# Rows of the int4 kernel's weight are padded to a multiple of its largest row block (32 in
+# PyTorch's AVX2 build, 64 in its AVX-512 one), so every block is whole whichever build runs.
+_INT4_ROW_MULTIPLE = 64
 
 
 def _rows_of(x: torch.Tensor) -> int:
@@ -133,21 +136,84 @@ class BlockWeight(KernelOrGemmWeight):
         return out_t.t().contiguous()
 
 
+class GroupWeight(nn.Module):
+    """Values with per-group scales (and offsets) in a layout we own, without a kernel: formats
+    whose groups are smaller than 32 (Q6_K), token tables where our kernel does not build, and
+    the exact dense form behind `Int4Weight`. Values spanning at most 16 levels are stored two
+    per byte (even column in the low nibble), others as int8; `dequantize` equals
+    `GroupQuantized.dequantize` up to fp32 rounding."""
+
+    def __init__(self, gq: GroupQuantized):
+        super().__init__()
+        self.out_features, self.in_features = gq.shape
+        self.group = gq.group
+        low, high = gq.levels
+        bias = gq.bias
+        if high - low <= 15 and self.in_features % 2 == 0:
+            self.low = low  # stored values are q - low, its share folded into the offsets
+            u = (gq.q.astype(np.int16) - low).astype(np.uint8)
+            values = u[:, 0::2] | (u[:, 1::2] << 4)
+            bias = low * gq.scale + (bias if bias is not None else 0.0)
+        else:
+            self.low, values = None, gq.q.astype(np.int8)
+        self.register_buffer("values", torch.from_numpy(np.ascontiguousarray(values)))
+        self.register_buffer("scale", torch.from_numpy(gq.scale.astype(np.float32)))
+        self.register_buffer("bias", None if bias is None else torch.from_numpy(bias.astype(np.float32)))
+
+    def _levels(self, rows) -> torch.Tensor:
+        """Stored values of the given rows as integers (uint8 q - low, or int8 q)."""
+        values = self.values if rows is None else self.values[rows]
+        if self.low is None:
+            return values
+        return torch.stack([values & 0x0F, values >> 4], dim=-1).view(*values.shape[:-1], self.in_features)
+
+    def dequantize_rows(self, rows: torch.Tensor | slice | None = None,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight, or only the given rows of it (embedding lookups)."""
+        q = self._levels(rows)
+        scale = self.scale if rows is None else self.scale[rows]
+        w = q.to(dtype).view(*q.shape[:-1], -1, self.group) * scale.to(dtype)[..., None]
+        if self.bias is not None:
+            w = w + (self.bias if rows is None else self.bias[rows]).to(dtype)[..., None]
+        return w.view(q.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.dequantize_rows(None, dtype)
+
+    def group_quantized(self) -> GroupQuantized:
+        """The same weight as integer values and group scales (for packing it another way)."""
+        q = self._levels(None).numpy().astype(np.int16)
+        if self.low is not None:
+            return GroupQuantized((q + self.low).astype(np.int8), self.scale.numpy(),
+                                  self.bias.numpy() - self.low * self.scale.numpy(), self.group,
+                                  (self.low, self.low + 15))
+        levels = (int(q.min()), int(q.max())) if q.size else (0, 0)
+        bias = None if self.bias is None else self.bias.numpy()
+        return GroupQuantized(q.astype(np.int8), self.scale.numpy(), bias, self.group, levels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(x.dtype))
+
+
 class Int4Weight(KernelOrGemmWeight):
-    """Weights of up to 8 bits in groups of 32, run by the CPU int4 kernel.
+    """Weights of up to 8 bits in groups of 32, run by PyTorch's CPU int4 kernel for few rows.
 
     4-bit values map directly. Wider values u (up to 255 levels) are split into two nibbles,
     u = 16 * hi + lo, stored side by side along the input dim with scales 16s and s, and the
     input is repeated twice: one kernel call, half the bytes of bf16, exact up to bf16 scales.
+    The kernel's packed layout is PyTorch's private business (it differs between its AVX2 and
+    AVX-512 builds), so the dense weight for many rows comes from a `GroupWeight` of our own,
+    exact in fp32; a tied head passes its table's one so no second copy is kept.
     """
 
-    def __init__(self, gq: GroupQuantized):
+    def __init__(self, gq: GroupQuantized, dense: GroupWeight | None = None):
         super().__init__()
         low, high = gq.levels
         if high - low > 255 or gq.group % 32:
             raise ValueError(f"values {gq.levels} in groups of {gq.group} do not fit the int4 layout")
         rows, cols = gq.shape
         self.out_features, self.in_features, self.group = rows, cols, gq.group
+        self.dense = dense if dense is not None else GroupWeight(gq)
         u = gq.q.astype(np.int32) - low
         base = low * gq.scale + (gq.bias if gq.bias is not None else 0.0)  # w = u * scale + base
         if high - low <= 15:
@@ -158,7 +224,7 @@ class Int4Weight(KernelOrGemmWeight):
             parts = [((u >> 4) - centre + 8, 16 * gq.scale, base + 16 * centre * gq.scale),
                      (u & 15, gq.scale, 8 * gq.scale)]
         self.splits = len(parts)
-        padded = -(-rows // _INT4_BLOCK_N) * _INT4_BLOCK_N
+        padded = -(-rows // _INT4_ROW_MULTIPLE) * _INT4_ROW_MULTIPLE
         values = np.zeros((padded, cols * self.splits), dtype=np.int32)
         values[:rows] = np.concatenate([p[0] for p in parts], axis=1)
         scale_zero = np.zeros((cols * self.splits // gq.group, padded, 2), dtype=np.float32)
@@ -169,15 +235,7 @@ class Int4Weight(KernelOrGemmWeight):
         self.register_buffer("scale_zero", torch.from_numpy(scale_zero).to(torch.bfloat16))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        padded, cols = self.packed.shape[0], self.in_features * self.splits
-        # CPU int4 packing: per block of 32 rows and per column, 16 bytes whose low nibbles are
-        # rows 0-15 of the block and high nibbles rows 16-31.
-        by_block = self.packed.view(padded // _INT4_BLOCK_N, cols, 16)
-        u = torch.cat([by_block & 0x0F, by_block >> 4], dim=2).transpose(1, 2).reshape(padded, cols)
-        scale, zero = self.scale_zero.to(dtype).unbind(-1)  # [groups, padded]
-        w = (u.to(dtype) - 8).view(padded, -1, self.group) * scale.T[..., None] + zero.T[..., None]
-        w = w.view(padded, self.splits, self.in_features)[: self.out_features]
-        return w[:, 0] if self.splits == 1 else w.sum(dim=1)
+        return self.dense.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_kernel(x):
@@ -187,34 +245,6 @@ class Int4Weight(KernelOrGemmWeight):
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
         out = out[:, : self.out_features].to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
-
-
-class Int8GroupWeight(nn.Module):
-    def __init__(self, gq: GroupQuantized):
-        super().__init__()
-        self.out_features, self.in_features = gq.shape
-        self.group = gq.group
-        self.register_buffer("q", torch.from_numpy(gq.q))
-        self.register_buffer("scale", torch.from_numpy(gq.scale))
-        self.register_buffer("bias", None if gq.bias is None else torch.from_numpy(gq.bias))
-
-    def dequantize_rows(self, rows: torch.Tensor | slice | None = None,
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense weight, or only the given rows of it (embedding lookups)."""
-        q, scale, bias = self.q, self.scale, self.bias
-        if rows is not None:
-            q, scale = q[rows], scale[rows]
-            bias = bias[rows] if bias is not None else None
-        w = q.to(dtype).view(*q.shape[:-1], -1, self.group) * scale.to(dtype)[..., None]
-        if bias is not None:
-            w = w + bias.to(dtype)[..., None]
-        return w.view(q.shape)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.dequantize_rows(None, dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(x.dtype))
 
 
 def quantize_int4(weight: torch.Tensor, group: int = 32) -> GroupQuantized:
@@ -236,19 +266,19 @@ def quantize_int8(weight: torch.Tensor, group: int = 32) -> GroupQuantized:
     return GroupQuantized(q.reshape(rows, cols).numpy(), scale.numpy(), None, group, (-127, 127))
 
 
-def pack_table(gq: GroupQuantized) -> BlockWeight | Int8GroupWeight:
+def pack_table(gq: GroupQuantized) -> BlockWeight | GroupWeight:
     """A token table: our kernel's layout where it builds (rows are gathered from it, and a tied
-    LM head multiplies with the same storage), else int8 groups."""
+    LM head multiplies with the same storage), else `GroupWeight`."""
     ext = native.load()
     if ext is not None and gq.group in (16, 32):
         return BlockWeight(gq, ext)
-    return Int8GroupWeight(gq)
+    return GroupWeight(gq)
 
 
 def pack(gq: GroupQuantized) -> nn.Module:
     """The fastest packed form that holds `gq`: our kernel when it builds on this machine, else
-    PyTorch's int4 kernel (exact up to bf16 scales), else int8 groups."""
+    PyTorch's int4 kernel (exact up to bf16 scales), else `GroupWeight`."""
     ext = native.load()
     if ext is not None and gq.group in (16, 32):
         return BlockWeight(gq, ext)
-    return Int4Weight(gq) if gq.group % 32 == 0 else Int8GroupWeight(gq)
+    return Int4Weight(gq) if gq.group % 32 == 0 else GroupWeight(gq)
