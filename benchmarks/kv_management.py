@@ -20,7 +20,7 @@ import numpy as np
 
 from lmserve import LLM, SamplingParams
 from lmserve.config import EngineConfig
-from lmserve.engine.model_runner import num_kv_blocks_for
+from lmserve.engine.model_builder import num_kv_blocks_for
 from lmserve.loader import open_checkpoint
 
 GREEDY = dict(temperature=0, ignore_eos=True)

@@ -18,7 +18,7 @@ import time
 
 import httpx
 
-from lmserve.benchmark.serve import run_benchmark, synthetic_prompts
+from lmserve.loadtest.serve import run_benchmark, synthetic_prompts
 
 
 def smollm2_path() -> str:

@@ -27,7 +27,7 @@ _DTYPES = {
 class ModelConfig:
     """Architecture and hyper-parameters of a decoder-only transformer, independent of file format."""
 
-    architecture: str  # model family key in lmserve.models.MODEL_REGISTRY, e.g. "llama"
+    architecture: str  # the ModelFamily.architecture of its family (lmserve.models.registry), e.g. "llama"
     vocab_size: int
     hidden_size: int
     intermediate_size: int

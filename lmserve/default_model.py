@@ -29,10 +29,6 @@ _ASSEMBLED = {
 }
 
 
-def embedded_model_names() -> list[str]:
-    return [*_EMBEDDED, *_ASSEMBLED]
-
-
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "lmserve"

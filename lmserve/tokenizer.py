@@ -32,7 +32,9 @@ LLAMA3_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
 QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
                r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
-SUPPORTED_GGUF_MODELS = ("gpt2", "llama")
+# `tokenizer.ggml.model` values we build a tokenizer for: byte-level BPE ("gpt2") and
+# SentencePiece-style ("llama") vocabularies, whatever the model family.
+GGUF_TOKENIZER_MODELS = ("gpt2", "llama")
 
 # GGUF token types (llama.cpp's llama_token_type).
 _TYPE_NORMAL, _TYPE_UNKNOWN, _TYPE_CONTROL, _TYPE_USER_DEFINED, _TYPE_UNUSED, _TYPE_BYTE = 1, 2, 3, 4, 5, 6
@@ -71,9 +73,9 @@ class Tokenizer:
         kind = meta.get("tokenizer.ggml.model")
         if kind is None:
             raise ModelLoadError(path, "GGUF metadata has no tokenizer ('tokenizer.ggml.model' is missing)")
-        if kind not in SUPPORTED_GGUF_MODELS:
+        if kind not in GGUF_TOKENIZER_MODELS:
             raise ModelLoadError(path, f"unsupported tokenizer model {kind!r} "
-                                       f"(supported: {', '.join(SUPPORTED_GGUF_MODELS)})")
+                                       f"(supported: {', '.join(GGUF_TOKENIZER_MODELS)})")
         tokens = meta.get("tokenizer.ggml.tokens")
         if not isinstance(tokens, list) or not tokens:
             raise ModelLoadError(path, "GGUF metadata lacks the token list 'tokenizer.ggml.tokens'")

@@ -210,7 +210,7 @@ def test_forks_swaps_and_windows_never_leak_or_read_foreign_slots(requests, num_
                 sched.add(seq)
                 live.append(seq)
         scheduled = sched.schedule()
-        cache.run(bm.take_block_ops())
+        cache.run(scheduled.block_ops)
         assert sum(r.num_tokens for r in scheduled) <= budget
         assert len(sched.running) <= max_seqs
         for r in scheduled:
@@ -294,7 +294,7 @@ def test_swap_out_and_in_round_trip_and_full_swap_space_falls_back_to_recompute(
     assert (sched.num_preemptions, sched.num_swap_outs) == (2, 1)
     scheduled = sched.schedule()
     assert [(r.seq, r.num_tokens) for r in scheduled] == [(a, 11), (b, 1)]
-    (kind, pairs), = bm.take_block_ops()
+    (kind, pairs), = scheduled.block_ops
     assert kind == SWAP_IN and [dev for _, dev in pairs] == b.block_table and len(bm.free_swap_blocks) == 3
 
 

@@ -13,7 +13,7 @@ from lmserve import LLM, SamplingParams
 from lmserve.entrypoints.cli import main
 from lmserve.errors import LmserveError
 from lmserve.loader.gguf import hf_tensor_name
-from lmserve.quant_writer import QUANT_TYPE_NAMES, quantize_model, quantize_q4_k, storage_type
+from lmserve.quant.gguf_writer import QUANT_TYPE_NAMES, quantize_model, quantize_q4_k, storage_type
 from tests.test_gguf_loader import write_gguf
 from tests.tiny_models import COMMON
 from tests.tiny_tokenizer import SAMPLE_TEXT, save_tokenizer

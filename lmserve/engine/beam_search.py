@@ -1,9 +1,10 @@
-"""The scoring and finishing rules of beam search, kept apart from the engine's plumbing.
+"""Beam search: its scoring and finishing rules (`BeamSearch`), and how the engine's sequences
+follow them (`record_beam_logprobs`, `beam_output`).
 
 One `BeamSearch` per request. Each beam step receives the live beams' next-token log-probs and
-returns which (beam, token) continuations live on; the engine turns them into sequences, forking
-a beam's KV blocks when it has several continuations. The rules are those of transformers'
-`generate(num_beams=k, do_sample=False)`:
+returns which (beam, token) continuations live on; `record_beam_logprobs` turns them into
+sequences, forking a beam's KV blocks when it has several continuations. The rules are those of
+transformers' `generate(num_beams=k, do_sample=False)`:
 
 - the top `(1 + number of EOS ids) * k` (at least 2k) candidates by cumulative log-prob are
   considered, best first;
@@ -18,10 +19,14 @@ a beam's KV blocks when it has several continuations. The rules are those of tra
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from lmserve.engine.sequence import Request, Sequence
+from lmserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from lmserve.sampling_params import BeamSearchParams
 
 
@@ -97,3 +102,73 @@ class BeamSearch:
             self.improvable = self.improvable and \
                 self._score(best_live_logprob, length) > self.finished[-1].score
         return self.improvable
+
+
+# ---- the engine's side: beams are sequences ----------------------------------------------------
+
+def record_beam_logprobs(logits: torch.Tensor, beams: list[Sequence], fork: Callable[[Sequence], Sequence],
+                         finish: Callable[[Sequence, str], None]) -> list[Request]:
+    """Keep each beam's next-token log-probs (logits row i is beam i's); run the beam step of
+    every request whose live beams all have theirs. Returns the requests that finished."""
+    finished = []
+    for row, seq in enumerate(beams):
+        temperature = seq.request.beam.params.temperature
+        scaled = logits[row] / temperature if temperature > 0 else logits[row]
+        seq.beam_logprobs = torch.log_softmax(scaled.float(), dim=-1)
+        request = seq.request
+        if request.first_token_time is None:
+            request.first_token_time = time.perf_counter()
+        if all(b.beam_logprobs is not None for b in request.seqs):
+            _beam_step(request, fork, finish)
+            if request.is_finished:
+                finished.append(request)
+    return finished
+
+
+def _beam_step(request: Request, fork: Callable[[Sequence], Sequence],
+               finish: Callable[[Sequence, str], None]) -> None:
+    beams = request.seqs
+    continuations = request.beam.step([b.cumulative_logprob for b in beams],
+                                      [b.output_token_ids for b in beams],
+                                      torch.stack([b.beam_logprobs for b in beams]))
+    for b in beams:
+        b.beam_logprobs = None
+    extended = {c.beam for c in continuations}
+    for i, b in enumerate(beams):
+        if i not in extended:
+            finish(b, "length")  # dropped beam: frees its blocks (shared ones stay)
+    request.seqs, request.forked = [], True
+    placed: set[int] = set()
+    continued = []
+    for c in continuations:  # fork before any token is appended to the parent
+        parent = beams[c.beam]
+        if c.beam in placed:
+            child = fork(parent)
+        else:
+            placed.add(c.beam)
+            child = parent
+            child.index = len(request.seqs)
+            request.seqs.append(child)
+        continued.append((child, c))
+    for child, c in continued:
+        child.token_ids.append(c.token)
+        child.cumulative_logprob = c.cum_logprob
+    if request.beam.done:
+        request.seqs = beams
+
+
+def beam_output(request: Request, tokenizer) -> RequestOutput:
+    """The finished hypotheses, best first, as completions (`cumulative_logprob` is the
+    hypothesis' log-probability; they are ranked by their length-penalised score)."""
+    completions = []
+    for index, hyp in enumerate(request.beam.finished):
+        text = tokenizer.decode(hyp.token_ids) if tokenizer is not None else ""
+        ends_with_eos = hyp.token_ids[-1] in request.beam.eos_token_ids
+        completions.append(CompletionOutput(
+            index=index, text=text, token_ids=list(hyp.token_ids), finish_reason="stop" if ends_with_eos
+            else "length", cumulative_logprob=hyp.cum_logprob, delta_text=text,
+            delta_token_ids=list(hyp.token_ids)))
+    metrics = RequestMetrics(request.arrival_time, request.first_token_time, request.finished_time,
+                             len(request.prompt_token_ids), max((len(c.token_ids) for c in completions), default=0))
+    return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
+                         request.is_finished, metrics)

@@ -22,21 +22,21 @@ Sliding window: when every layer attends only the last `sliding_window` position
 lie entirely before the window of the next token to compute are released; their table entries
 become NO_BLOCK and no attention reads them again (the window mask excludes those positions).
 
-Copies and swaps are queued as `(kind, pairs)` operations, in the order they were decided, for
-the model runner to execute before the step's forward (`take_block_ops`): a block freed by one
-operation may be reused by a later one in the same step.
+Copies and swaps are queued as `BlockOp`s, in the order they were decided; the scheduler hands
+them to the model runner in its `SchedulerOutput`, to run before the step's forward: a block freed
+by one operation may be reused by a later one in the same step.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+from lmserve.engine.scheduler_output import BlockOp, BlockOpKind
 from lmserve.engine.sequence import Sequence
 
 NO_BLOCK = -1  # table entry of a block dropped from a sliding window or swapped out
 
-# Kinds of queued block operations; each names the model runner method that executes it.
-COPY, SWAP_OUT, SWAP_IN = "copy_blocks", "swap_out", "swap_in"
+COPY, SWAP_OUT, SWAP_IN = BlockOpKind.COPY, BlockOpKind.SWAP_OUT, BlockOpKind.SWAP_IN
 
 
 class BlockManager:
@@ -49,7 +49,7 @@ class BlockManager:
         self.sliding_window = sliding_window
         self.num_swap_blocks = num_swap_blocks
         self.free_swap_blocks = list(range(num_swap_blocks))
-        self.pending_ops: list[tuple[str, list[tuple[int, int]]]] = []
+        self.pending_ops: list[BlockOp] = []
         self.num_dropped_blocks = 0  # blocks released because they left the sliding window
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU first
         self.ref_counts = [0] * num_blocks
@@ -96,14 +96,14 @@ class BlockManager:
         self.ref_counts[block] = 1
         return block
 
-    def _queue(self, kind: str, pair: tuple[int, int]) -> None:
-        if self.pending_ops and self.pending_ops[-1][0] == kind:
-            self.pending_ops[-1][1].append(pair)
+    def _queue(self, kind: BlockOpKind, pair: tuple[int, int]) -> None:
+        if self.pending_ops and self.pending_ops[-1].kind == kind:
+            self.pending_ops[-1].pairs.append(pair)
         else:
-            self.pending_ops.append((kind, [pair]))
+            self.pending_ops.append(BlockOp(kind, [pair]))
 
-    def take_block_ops(self) -> list[tuple[str, list[tuple[int, int]]]]:
-        """The copies and swaps queued since the last call, in order, as (runner method, pairs)."""
+    def take_block_ops(self) -> list[BlockOp]:
+        """The copies and swaps queued since the last call, in the order they were decided."""
         ops, self.pending_ops = self.pending_ops, []
         return ops
 

@@ -1,11 +1,13 @@
 """Runs the model for one scheduled step.
 
-Owns the model and its paged KV cache. `execute` flattens the scheduled tokens of all sequences
-into one unpadded batch, builds the attention metadata (slot mapping, padded attention groups
-with context slots gathered through the block tables) and returns logits only for the positions
-that sample a new token. A step in which every sequence adds one token goes instead, where the
-model qualifies, through the fused native decoder (`models/llama_fused.py`), whose metadata is
-just the tokens, positions and block tables.
+Owns the model and its paged KV cache. `execute(SchedulerOutput)` first runs the step's block
+copies and swaps, then flattens the scheduled tokens of all sequences into one unpadded batch,
+builds the attention metadata (slot mapping from the block tables, padded attention groups with
+context slots gathered through the block tables) and returns logits only for the positions that
+sample a new token. A step in which every sequence adds one token goes instead, where the model
+family has one and the model qualifies, through a fused native decoder, whose metadata is just
+the tokens, positions and block tables; the engine passes the family's decoder factory in, so
+the runner knows no model family.
 """
 
 from __future__ import annotations
@@ -14,23 +16,15 @@ import logging
 
 import torch
 
+from collections.abc import Callable
+
 from lmserve.config import EngineConfig, ModelConfig
-from lmserve.engine.block_manager import BlockManager
-from lmserve.engine.scheduler import ScheduledSequence
+from lmserve.engine.scheduler_output import BlockOp, BlockOpKind, ScheduledSequence, SchedulerOutput
 from lmserve.layers.attention import AttentionGroup, AttentionMetadata
-from lmserve.models.llama_fused import build_fused_decoder
 
 logger = logging.getLogger("lmserve")
 
 _PAD_POSITION = 1 << 40  # key position larger than any query: masked by causality
-
-
-def num_kv_blocks_for(model_config: ModelConfig, engine_config: EngineConfig) -> int:
-    if engine_config.num_kv_blocks is not None:
-        return engine_config.num_kv_blocks
-    per_block = model_config.kv_bytes_per_token(engine_config.kv_torch_dtype,
-                                                engine_config.kv_quantized) * engine_config.block_size
-    return max(1, engine_config.kv_cache_bytes // per_block)
 
 
 def _block_tables(seqs: list, width: int) -> torch.Tensor:
@@ -41,7 +35,9 @@ def _block_tables(seqs: list, width: int) -> torch.Tensor:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, engine_config: EngineConfig,
-                 num_blocks: int):
+                 num_blocks: int, fused_decoder: Callable | None = None):
+        """`fused_decoder(model, engine_config)` builds the family's fused decoder over the bound
+        KV caches, or returns None (with the reason logged) when this model cannot use it."""
         self.model = model
         self.device = engine_config.torch_device
         self.dtype = engine_config.torch_dtype
@@ -63,7 +59,9 @@ class ModelRunner:
             packed = model_config.kv_bytes_per_token(engine_config.kv_torch_dtype, quantized=True)
             logger.info("%s KV cache holds %.2fx the tokens of a %s cache in the same memory",
                         engine_config.kv_cache_dtype, plain / packed, str(self.dtype).replace("torch.", ""))
-        self.fused_decode = build_fused_decoder(model, engine_config)
+        if fused_decoder is None:
+            logger.info("decode steps run through PyTorch modules (no fused decoder for this family)")
+        self.fused_decode = fused_decoder(model, engine_config) if fused_decoder is not None else None
 
     def _group(self, rows: list[ScheduledSequence], starts: list[int]) -> AttentionGroup:
         n = torch.tensor([r.num_tokens for r in rows])
@@ -85,8 +83,16 @@ class ModelRunner:
                               kv_slots.to(dev), key_pos.to(dev))
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> torch.Tensor:
-        """Forward the scheduled tokens; returns fp32 logits [num sampling rows, vocab] in schedule order."""
+    def execute(self, output: SchedulerOutput) -> torch.Tensor | None:
+        """Run the step's block operations, then forward its tokens; returns fp32 logits
+        [num sampling rows, vocab] in schedule order (None when no sequence is scheduled)."""
+        for op in output.block_ops:
+            self._run_block_op(op)
+        if not output.scheduled:
+            return None
+        return self._forward(output.scheduled)
+
+    def _forward(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
         if self.fused_decode is not None and all(r.num_tokens == 1 for r in scheduled):
             return self._fused_decode_step(scheduled)
         input_ids: list[int] = []
@@ -99,7 +105,8 @@ class ModelRunner:
             starts.append(len(input_ids))
             input_ids.extend(seq.token_ids[c: c + r.num_tokens])
             positions.extend(range(c, c + r.num_tokens))
-            slots.extend(block_manager.slot(seq, p) for p in range(c, c + r.num_tokens))
+            table, size = seq.block_table, self.block_size
+            slots.extend(table[p // size] * size + p % size for p in range(c, c + r.num_tokens))
             if r.samples:
                 sample_index.append(len(input_ids) - 1)
         groups = []
@@ -126,7 +133,15 @@ class ModelRunner:
             hidden = hidden[torch.tensor([i for i, r in enumerate(scheduled) if r.samples], dtype=torch.long)]
         return self.model.compute_logits(hidden)
 
-    # ---- block copies and the swap tier (queued by the block manager, run before a forward) ----
+    # ---- block copies and the swap tier (decided by the scheduler, run before a forward) ----
+
+    def _run_block_op(self, op: BlockOp) -> None:
+        if op.kind is BlockOpKind.COPY:
+            self.copy_blocks(op.pairs)
+        elif op.kind is BlockOpKind.SWAP_OUT:
+            self.swap_out(op.pairs)
+        else:
+            self.swap_in(op.pairs)
 
     def _block_slots(self, blocks: list[int]) -> torch.Tensor:
         """Cache slot indices of the given blocks, block after block."""

@@ -21,21 +21,10 @@ preempted one is not readmitted before the beam step has extended it.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from lmserve.engine.sequence import Sequence, SequenceStatus
-
-
-@dataclass
-class ScheduledSequence:
-    seq: Sequence
-    num_tokens: int  # tokens computed for this sequence in this step
-
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the sequence's last known token, so a new token is sampled."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
 
 
 class Scheduler:
@@ -108,12 +97,22 @@ class Scheduler:
         bm.record_admission(seq.num_tokens, seq.num_computed_tokens)
         return n
 
-    def schedule(self) -> list[ScheduledSequence]:
+    def schedule(self) -> SchedulerOutput:
+        """The next step: the sequences that run and the block copies and swaps to run first."""
         scheduled = self._schedule()
         while not scheduled and self.waiting and self.running:
             self._preempt(self.running[-1])  # only stalled sequences run: make room for the queue
             scheduled = self._schedule()
-        return scheduled
+        return SchedulerOutput(scheduled, self.block_manager.take_block_ops())
+
+    def update_from_output(self, output: SchedulerOutput) -> list[Sequence]:
+        """After the step's forward: its tokens are computed (full blocks enter the prefix
+        cache). Returns the sequences that sample a token, in the order of the logits rows."""
+        sampling = [r.seq for r in output if r.samples]
+        for r in output:
+            r.seq.num_computed_tokens += r.num_tokens
+            self.block_manager.register_full_blocks(r.seq)
+        return sampling
 
     def _schedule(self) -> list[ScheduledSequence]:
         budget = self.max_num_batched_tokens

@@ -10,10 +10,10 @@ import argparse
 import logging
 import sys
 
-from lmserve.benchmark.serve import add_parser as add_bench_parser
-from lmserve.benchmark.serve import cmd_bench
 from lmserve.config import DEFAULT_MAX_WAITING, DEFAULT_REQUEST_TIMEOUT
 from lmserve.errors import LmserveError
+from lmserve.loadtest.serve import add_parser as add_bench_parser
+from lmserve.loadtest.serve import cmd_bench
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -189,7 +189,7 @@ def cmd_info(args) -> None:
     import torch
 
     from lmserve.loader import open_checkpoint
-    from lmserve.models import MODEL_REGISTRY
+    from lmserve.models import registry
 
     ckpt = open_checkpoint(args.model)
     cfg = ckpt.config
@@ -205,7 +205,7 @@ def cmd_info(args) -> None:
         ("rope", f"theta {cfg.rope_theta:g}, scaling {cfg.rope_scaling or 'none'}"),
         ("KV cache bytes/token", f"{kv32:,} (float32), {kv16:,} (bfloat16)"),
         ("chat template", "yes" if ckpt.tokenizer is not None and ckpt.tokenizer.chat_template else "no"),
-        ("supported architectures", ", ".join(MODEL_REGISTRY)),
+        ("supported architectures", ", ".join(f.architecture for f in registry.families())),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -236,7 +236,7 @@ def cmd_perplexity(args) -> None:
 
 
 def cmd_quantize(args) -> None:
-    from lmserve.quant_writer import quantize_model
+    from lmserve.quant.gguf_writer import quantize_model
 
     counts = quantize_model(args.input, args.output, args.type)
     print(f"wrote {args.output}: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) + " tensors",

@@ -5,13 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 
-import torch
 from tqdm import tqdm
 
-from lmserve.config import EngineConfig
-from lmserve.engine.llm_engine import LLMEngine
+from lmserve.engine.factory import create_engine
 from lmserve.errors import InvalidParameterError
-from lmserve.loader import open_checkpoint
 from lmserve.engine.beam_search import beam_score
 from lmserve.outputs import BeamSearchOutput, BeamSequence, RequestOutput
 from lmserve.sampling_params import BeamSearchParams, SamplingParams
@@ -29,12 +26,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_kwargs):
-        if "threads" in engine_kwargs:
-            threads = engine_kwargs.pop("threads")
-            if threads:
-                torch.set_num_threads(int(threads))
-        config = EngineConfig(**engine_kwargs)
-        self.engine = LLMEngine(open_checkpoint(model), config)
+        self.engine = create_engine(model, **engine_kwargs)
 
     @property
     def tokenizer(self):

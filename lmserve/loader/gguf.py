@@ -1,5 +1,7 @@
 """GGUF checkpoints: hyper-parameters and tokenizer from the metadata, tensors dequantized by
-the `gguf` package and renamed to the Hugging Face names the models use."""
+the `gguf` package and renamed to the Hugging Face names the models use. What differs between
+families (tensor names, metadata, q/k layout) comes from their descriptors in
+`lmserve.models.registry`."""
 
 from __future__ import annotations
 
@@ -14,65 +16,33 @@ import torch
 from lmserve.config import ModelConfig
 from lmserve.errors import InvalidParameterError, ModelLoadError
 from lmserve.loader.checkpoint import Checkpoint
+from lmserve.models import registry
 from lmserve.quant.gguf_blocks import PACKABLE_TYPES, decode
-
-# GGUF `general.architecture` -> lmserve family key
-# (llama.cpp stores Mixtral as "llama" with expert tensors; _config_from_metadata tells them apart)
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-                      "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
-                      "gemma3": "gemma3", "gpt2": "gpt2", "phi3": "phi3"}
 
 # Tensor types the gguf package can dequantize and we accept.
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
                    "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"}
 
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-    # mixture of experts: router, experts stacked [E, ...], shared expert and its gate
-    "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
-    "ffn_down_exps": "mlp.experts.down_proj", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
-    "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
-    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
-}
-# Architectures whose names differ from the Llama ones: (layer prefix, layer names, global names).
-_ARCH_NAMES = {
-    "gemma3": ("model.layers", {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
-                                "post_attention_norm": "post_attention_layernorm",
-                                "post_ffw_norm": "post_feedforward_layernorm"}, _GLOBAL_NAMES),
-    "phi3": ("model.layers", {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
-             _GLOBAL_NAMES),
-    "gpt2": ("transformer.h", {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
-                               "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
-             {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
-              "output_norm": "transformer.ln_f", "output": "lm_head"}),
-}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Mixtral files written before llama.cpp stacked the experts: blk.N.ffn_gate.E.weight
 _PER_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
-# Whether the top-k routing weights are renormalised, where the file does not say
-# (`expert_weights_norm`): what llama.cpp's graph for each architecture does.
-_DEFAULT_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 
 
 def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     """Map a GGUF tensor name of architecture `arch` to its Hugging Face name (None for tensors
     the model does not use)."""
-    layer_prefix, layer_names, global_names = _ARCH_NAMES.get(arch, ("model.layers", _LAYER_NAMES, _GLOBAL_NAMES))
+    names = registry.family_for_gguf(arch).gguf_tensor_names
     match = _BLOCK_RE.match(gguf_name)
     if match:
         layer, kind, suffix = match.groups()
-        mapped = layer_names.get(kind)
-        return f"{layer_prefix}.{layer}.{mapped}.{suffix}" if mapped else None
+        mapped = names.layer_names.get(kind)
+        return f"{names.layer_prefix}.{layer}.{mapped}.{suffix}" if mapped else None
     match = _PER_EXPERT_RE.match(gguf_name)
     if match:
         layer, proj, expert = match.groups()
         return f"model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight"
     base, _, suffix = gguf_name.rpartition(".")
-    mapped = global_names.get(base)
+    mapped = names.global_names.get(base)
     return f"{mapped}.{suffix}" if mapped else None
 
 
@@ -84,7 +54,7 @@ def _unpermute_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return grouped.swapaxes(1, 2).reshape(weight.shape)
 
 
-def _moe_settings(key, arch: str, num_layers: int, tensor_names: set[str]) -> dict:
+def _moe_settings(key: registry.GgufKey, num_layers: int, tensor_names: set[str]) -> dict:
     """ModelConfig's mixture-of-experts fields; a layer without a router has a dense MLP."""
     if not key("expert_count"):
         return {}
@@ -93,28 +63,9 @@ def _moe_settings(key, arch: str, num_layers: int, tensor_names: set[str]) -> di
         num_experts_per_tok=key("expert_used_count", required=True),
         moe_intermediate_size=key("expert_feed_forward_length") or key("feed_forward_length", required=True),
         shared_expert_intermediate_size=key("expert_shared_feed_forward_length", 0),
-        norm_topk_prob=bool(key("expert_weights_norm", _DEFAULT_NORM_TOPK.get(arch, False))),
+        norm_topk_prob=bool(key("expert_weights_norm", False)),
         mlp_only_layers=[i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names],
     )
-
-
-def _family_settings(key, arch: str, num_layers: int, hidden: int, num_heads: int, head_dim: int) -> dict:
-    """ModelConfig fields of the non-Llama dense families, with llama.cpp's built-in values where
-    its files leave them out."""
-    if arch == "gemma3":
-        pattern = key("attention.sliding_window_pattern", 6)
-        sliding = pattern if isinstance(pattern, list) else [(i + 1) % pattern != 0 for i in range(num_layers)]
-        return dict(hidden_act="gelu_pytorch_tanh",
-                    layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
-                    rope_local_theta=key("rope.freq_base_swa", 10000.0),
-                    # llama.cpp: Gemma 3 27B (62 layers) scales queries by hidden/heads, the others by head_dim
-                    query_pre_attn_scalar=float(hidden // num_heads if num_layers == 62 else head_dim),
-                    final_logit_softcapping=key("final_logit_softcapping"),
-                    norm_weight_offset=0.0, qk_norm=True)  # llama.cpp's converter stores norms as 1 + w
-    if arch == "gpt2":
-        return dict(hidden_act="gelu_new", rms_norm_eps=key("attention.layer_norm_epsilon", 1e-5),
-                    qkv_bias=True, o_bias=True, mlp_bias=True)
-    return {}
 
 
 def _longrope_scaling(reader, meta: dict, config: ModelConfig) -> dict:
@@ -130,16 +81,15 @@ def _longrope_scaling(reader, meta: dict, config: ModelConfig) -> dict:
     return scaling
 
 
-def _config_from_metadata(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
+def _config_from_metadata(meta: dict, family: registry.ModelFamily, tensor_names: set[str], path: str) -> ModelConfig:
+    """The keys every family shares, read here; the family's descriptor supplies the fields that differ."""
     arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise ModelLoadError(path, f"unsupported architecture {arch!r} (supported: {', '.join(GGUF_ARCHITECTURES)})")
 
     def key(name, default=None, required=False):
         full = f"{arch}.{name}"
         if required and full not in meta:
             raise ModelLoadError(path, f"GGUF metadata lacks {full!r}")
-        return meta.get(full, default)
+        return meta.get(full, family.gguf_metadata_defaults.get(name, default))
 
     hidden = key("embedding_length", required=True)
     num_heads = key("attention.head_count", required=True)
@@ -154,12 +104,8 @@ def _config_from_metadata(meta: dict, tensor_names: set[str], path: str) -> Mode
             scaling["original_max_position_embeddings"] = key("rope.scaling.original_context_length")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     num_layers = key("block_count", required=True)
-    moe = _moe_settings(key, arch, num_layers, tensor_names)
-    family = GGUF_ARCHITECTURES[arch]
-    if family == "llama" and moe:
-        family = "mixtral"
     config = ModelConfig(
-        architecture=family,
+        architecture=family.architecture,
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=key("feed_forward_length", required=True),
@@ -179,9 +125,11 @@ def _config_from_metadata(meta: dict, tensor_names: set[str], path: str) -> Mode
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=[eos] if eos is not None else [],
         name=meta.get("general.name", ""),
-        **moe,
+        **_moe_settings(key, num_layers, tensor_names),
     )
-    return dataclasses.replace(config, **_family_settings(key, arch, num_layers, hidden, num_heads, head_dim))
+    if family.config_from_gguf is None:
+        return config
+    return dataclasses.replace(config, **family.config_from_gguf(key, config))
 
 
 def load_gguf(path: Path) -> Checkpoint:
@@ -202,15 +150,17 @@ def load_gguf(path: Path) -> Checkpoint:
         raise ModelLoadError(path, f"unsupported tensor type(s) {', '.join(unsupported)} "
                                    f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})")
     names = {t.name for t in reader.tensors}
+    arch = meta.get("general.architecture")
     try:
-        config = _config_from_metadata(meta, names, str(path))
+        family = registry.family_for_gguf(arch)
+        config = _config_from_metadata(meta, family, names, str(path))
+    except registry.UnsupportedArchitectureError as exc:
+        raise ModelLoadError(path, str(exc)) from None
     except InvalidParameterError as exc:
         raise ModelLoadError(path, f"invalid hyper-parameter in GGUF metadata: {exc}") from None
     if "rope_factors_long.weight" in names:
         config = dataclasses.replace(config, rope_scaling=_longrope_scaling(reader, meta, config))
-    arch = meta.get("general.architecture")
-    rope_heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads} if \
-        meta.get("general.architecture") == "llama" else {}
+    rope_heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads} if family.gguf_qk_interleaved else {}
 
     def iter_tensors(keep_packed: bool = False):
         for tensor in reader.tensors:
@@ -240,8 +190,7 @@ def load_gguf(path: Path) -> Checkpoint:
 
     tokenizer = Tokenizer.from_gguf_metadata(meta, str(path))
     if tokenizer.chat_template is None:
-        from lmserve.models import DEFAULT_CHAT_TEMPLATES
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATES.get(config.architecture)
+        tokenizer.chat_template = registry.family(config.architecture).chat_template
     return Checkpoint(path=str(path), format="gguf", config=config, tokenizer=tokenizer,
                       tensor_types=dict(types), num_params=sum(int(t.n_elements) for t in reader.tensors),
                       _iter_tensors=iter_tensors)

@@ -8,22 +8,47 @@ Mixture-of-experts blocks keep their experts stacked in one tensor per projectio
 checkpoint tensors come per expert (`...experts.3.gate_proj.weight`) or already stacked
 (`...experts.gate_proj.weight` from GGUF, `...experts.gate_up_proj` from transformers v5); the
 first two route to the `experts` module's `load_shard` with the expert index (None: all experts).
-GGUF tensors may arrive still quantized (`GroupQuantized`); modules that can hold them packed
-say so with `accepts_packed`, every other module receives them dequantized. Once all tensors are
-in, each module's `finish_loading` packs what it collected. A model may also list
-`checkpoint_renames` (substring -> replacement) for checkpoints that name
-the same parts differently (Mixtral's `block_sparse_moe.experts.N.w1`).
+What the loader may call on a module is spelled out by the protocols below: a `ShardLoader`
+places its own tensors (`load_shard`), a `PackedShardLoader` also takes GGUF tensors still
+quantized (`GroupQuantized`; every other module receives them dequantized), and once all tensors
+are in each `FinishesLoading` module packs what it collected. Any other module has its tensors
+copied into its parameters. A model's `checkpoint_renames` (substring -> replacement) serve
+checkpoints that name the same parts differently (Mixtral's `block_sparse_moe.experts.N.w1`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from lmserve.quant.gguf_blocks import GroupQuantized
+
+
+@runtime_checkable
+class ShardLoader(Protocol):
+    """A module that places its checkpoint tensors itself: into the rows of one projection of a
+    fused weight (`shard`), or of one expert of stacked ones (keyword `expert`)."""
+
+    def load_shard(self, param_name: str, tensor: torch.Tensor | GroupQuantized, shard: str | None = None,
+                   **kwargs) -> None: ...
+
+
+@runtime_checkable
+class PackedShardLoader(ShardLoader, Protocol):
+    """A ShardLoader that keeps GGUF tensors packed: its `load_shard` takes `GroupQuantized` ones."""
+
+    accepts_packed: bool
+
+
+@runtime_checkable
+class FinishesLoading(Protocol):
+    """A module that completes its weights once every checkpoint tensor is in (packs collected shards)."""
+
+    def finish_loading(self) -> None: ...
 
 
 _EXPERT_RE = re.compile(r"^(?P<experts>.+\.experts)\.(?:(?P<index>\d+)\.)?(?P<proj>\w+)\.weight$")
@@ -35,9 +60,11 @@ class WeightLoadError(Exception):
 
 def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
                  packed_modules: dict[str, tuple[str, str]], ignored_suffixes: tuple[str, ...] = ()) -> None:
+    """Copy checkpoint `tensors` (Hugging Face names) into `model`, a `registry.CausalLM`; a tensor
+    the model has no place for, a wrong shape or a missing tensor raises WeightLoadError."""
     modules = dict(model.named_modules())
     expected = {name for name, _ in model.named_parameters()}
-    renames = getattr(model, "checkpoint_renames", {})
+    renames = model.checkpoint_renames
     loaded: set[str] = set()
     experts_seen: dict[tuple[str, str, str | None], set[int]] = {}  # per-expert tensors of stacked weights
     for name, tensor in tensors:
@@ -61,12 +88,12 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
                 fused, shard = packed_modules[leaf]
                 module_path = f"{owner_path}.{fused}" if owner_path else fused
         module = modules.get(module_path)
-        if module is None or not hasattr(module, param_name) or getattr(module, param_name) is None:
+        if module is None or getattr(module, param_name, None) is None:
             raise WeightLoadError(f"unexpected tensor {checkpoint_name!r} for this architecture")
-        if isinstance(tensor, GroupQuantized) and not getattr(module, "accepts_packed", False):
+        if isinstance(tensor, GroupQuantized) and not isinstance(module, PackedShardLoader):
             tensor = torch.from_numpy(tensor.dequantize())
         try:
-            if hasattr(module, "load_shard"):
+            if isinstance(module, ShardLoader):
                 module.load_shard(param_name, tensor, shard, **expert_kwargs)
             else:
                 target = getattr(module, param_name).data
@@ -85,7 +112,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
             part = f"{module_path}.{param_name}" + (f" ({shard})" if shard else "")
             raise WeightLoadError(f"checkpoint lacks expert(s) {absent} of {part}")
     for module in modules.values():
-        if hasattr(module, "finish_loading"):
+        if isinstance(module, FinishesLoading):
             module.finish_loading()
     missing = sorted(expected - loaded)
     if missing:

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmserve.config import DEFAULT_MAX_WAITING, DEFAULT_REQUEST_TIMEOUT
+from lmserve.engine.factory import create_engine
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.errors import ContextLengthError, InvalidParameterError, LmserveError
 from lmserve.outputs import CompletionOutput, RequestOutput
@@ -126,24 +127,18 @@ class _Server:
             return f"token_id:{token}"
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
-    def token_ids(self, prompt: str | list[int], params: SamplingParams) -> str | list[int]:
-        """Tokenize a text prompt here, off the engine thread. Also refuse a prompt that alone
-        fills the context when max_tokens is None: the engine would admit it with a negative
-        token budget and fail in the model step."""
+    def token_ids(self, prompt: str | list[int]) -> str | list[int]:
+        """Tokenize a text prompt here, off the engine thread. Whether it fits the context with
+        max_tokens is the engine's check (`add_request` raises `ContextLengthError`)."""
         if isinstance(prompt, str) and self.tokenizer is not None:
-            prompt = self.tokenizer.encode(prompt)
-        if params.max_tokens is None and isinstance(prompt, list):
-            length = len(prompt[-params.truncate_prompt_tokens:] if params.truncate_prompt_tokens else prompt)
-            if length >= self.max_model_len:
-                raise ContextLengthError("prompt", f"the prompt has {length} tokens, which leaves no room to "
-                                                   f"generate within the context limit of {self.max_model_len} tokens")
+            return self.tokenizer.encode(prompt)
         return prompt
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams, request_id: str,
                  prompt_param: str) -> _Generation:
         self.admit(len(prompts))
         try:
-            token_ids = [self.token_ids(prompt, params) for prompt in prompts]
+            token_ids = [self.token_ids(prompt) for prompt in prompts]
         except LmserveError as exc:
             raise ApiError.of(exc, prompt_param) from None
         return _Generation(self, token_ids, params, request_id)
@@ -219,8 +214,16 @@ async def _unless_disconnected(request: Request, work: Awaitable):
     return task.result()
 
 
-def _sse(data) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+def _sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+_NO_USAGE = {"usage"}
+
+
+def _chunk_event(chunk: proto.CompletionResponse | proto.ChatCompletionChunk, include_usage: bool) -> str:
+    """One chunk as a server-sent event; its `usage` field only when the client asked for usage."""
+    return _sse(chunk.model_dump_json(exclude=None if include_usage else _NO_USAGE))
 
 
 class _ChoiceState:
@@ -232,28 +235,29 @@ class _ChoiceState:
         self.finished = False
 
 
-async def _stream_events(items: AsyncIterator, first: tuple[int, RequestOutput], render_chunks,
-                         finish_abort, usage_chunk) -> AsyncIterator[str]:
-    """Common SSE loop: chunks for `first` and each later output, the final usage chunk, [DONE].
+async def _stream_events(items: AsyncIterator, first: tuple[int, RequestOutput], render_events,
+                         finish_abort, usage_event) -> AsyncIterator[str]:
+    """Common SSE loop: events for `first` and each later output, the final usage event, [DONE].
     A timeout ends unfinished choices with finish_reason "abort"; other errors become an error event."""
     try:
         item = first
         while item is not None:
-            for chunk in render_chunks(*item):
-                yield _sse(chunk)
+            for event in render_events(*item):
+                yield event
             item = await anext(items, None)
     except RequestTimeoutError:
-        for chunk in finish_abort():
-            yield _sse(chunk)
+        for event in finish_abort():
+            yield event
     except Exception as exc:
         error = ApiError.of(exc)
-        yield _sse(proto.error_body(error.message, error.type, error.param, error.code))
+        yield _sse(json.dumps(proto.error_body(error.message, error.type, error.param, error.code),
+                              ensure_ascii=False))
         yield "data: [DONE]\n\n"
         return
     finally:
         await items.aclose()
-    if usage_chunk is not None:
-        yield _sse(usage_chunk())
+    if usage_event is not None:
+        yield usage_event()
     yield "data: [DONE]\n\n"
 
 
@@ -301,7 +305,7 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
         if choice.logprobs is None:
             return None
         return proto.completion_logprobs(choice.token_ids[start_token:], choice.logprobs[start_token:],
-                                     server.token_text, text_offset)
+                                         server.token_text, text_offset)
 
     if not body.stream:
         await _run_to_end(request, gen, "prompt")
@@ -318,11 +322,11 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
 
     created = int(time.time())
 
-    def chunk(choices: list[dict]) -> dict:
-        return {"id": request_id, "object": "text_completion", "created": created, "model": server.model_name,
-                "choices": choices, **({"usage": None} if body.include_usage else {})}
+    def event(choices: list[proto.CompletionChoice], usage: proto.Usage | None = None) -> str:
+        return _chunk_event(proto.CompletionResponse(id=request_id, created=created, model=server.model_name,
+                                                     choices=choices, usage=usage), body.include_usage)
 
-    def render(i: int, output: RequestOutput):
+    def render(i: int, output: RequestOutput) -> list[str]:
         choices = []
         for c in output.outputs:
             state = states.setdefault(i * n + c.index, _ChoiceState())
@@ -335,22 +339,23 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
             start = len(c.token_ids) - len(c.delta_token_ids)
             if not (text or c.finish_reason or (c.logprobs is not None and c.delta_token_ids)):
                 continue
-            choices.append({"index": i * n + c.index, "text": text,
-                            "logprobs": choice_logprobs(c, start, state.chars), "finish_reason": c.finish_reason})
+            choices.append(proto.CompletionChoice(index=i * n + c.index, text=text,
+                                                  logprobs=choice_logprobs(c, start, state.chars),
+                                                  finish_reason=c.finish_reason))
             state.chars += len(text)
             state.finished = c.finish_reason is not None
-        return [chunk(choices)] if choices else []
+        return [event(choices)] if choices else []
 
-    def finish_abort():
-        return [chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": "abort"}
+    def finish_abort() -> list[str]:
+        return [event([proto.CompletionChoice(index=index, text="", finish_reason="abort")
                        for index in range(len(prompts) * n) if not states.get(index, _ChoiceState()).finished])]
 
-    def usage_chunk():
-        return {**chunk([]), "usage": gen.usage().model_dump()}
+    def usage_event() -> str:
+        return event([], gen.usage())
 
     items, first = await _start(request, gen, "prompt")
     return StreamingResponse(_stream_events(items, first, render, finish_abort,
-                                            usage_chunk if body.include_usage else None),
+                                            usage_event if body.include_usage else None),
                              media_type="text/event-stream")
 
 
@@ -381,40 +386,39 @@ async def _chat(server: _Server, body: proto.ChatCompletionRequest, request: Req
     created = int(time.time())
     states: dict[int, _ChoiceState] = {}
 
-    def chunk(choices: list[dict]) -> dict:
-        return {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                "model": server.model_name, "choices": choices,
-                **({"usage": None} if body.include_usage else {})}
+    def event(choices: list[proto.ChatChunkChoice], usage: proto.Usage | None = None) -> str:
+        return _chunk_event(proto.ChatCompletionChunk(id=request_id, created=created, model=server.model_name,
+                                                      choices=choices, usage=usage), body.include_usage)
 
-    def render(_: int, output: RequestOutput):
-        chunks = []
+    def render(_: int, output: RequestOutput) -> list[str]:
+        events = []
         for c in output.outputs:
             state = states.setdefault(c.index, _ChoiceState())
             if state.finished:
                 continue
             if not state.started:
                 state.started = True
-                chunks.append(chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": None, "finish_reason": None}]))
+                events.append(event([proto.ChatChunkChoice(index=c.index,
+                                                           delta=proto.ChatDelta(role="assistant", content=""))]))
             start = len(c.token_ids) - len(c.delta_token_ids)
             if not (c.delta_text or c.finish_reason or (c.logprobs is not None and c.delta_token_ids)):
                 continue
-            delta = {"content": c.delta_text} if c.delta_text else {}
-            chunks.append(chunk([{"index": c.index, "delta": delta, "logprobs": logprobs(c, start),
-                                  "finish_reason": c.finish_reason}]))
+            delta = proto.ChatDelta(content=c.delta_text or None)
+            events.append(event([proto.ChatChunkChoice(index=c.index, delta=delta, logprobs=logprobs(c, start),
+                                                       finish_reason=c.finish_reason)]))
             state.finished = c.finish_reason is not None
-        return chunks
+        return events
 
-    def finish_abort():
-        return [chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": "abort"}
+    def finish_abort() -> list[str]:
+        return [event([proto.ChatChunkChoice(index=index, delta=proto.ChatDelta(), finish_reason="abort")
                        for index in range(params.n) if not states.get(index, _ChoiceState()).finished])]
 
-    def usage_chunk():
-        return {**chunk([]), "usage": gen.usage().model_dump()}
+    def usage_event() -> str:
+        return event([], gen.usage())
 
     items, first = await _start(request, gen, "messages")
     return StreamingResponse(_stream_events(items, first, render, finish_abort,
-                                            usage_chunk if body.include_usage else None),
+                                            usage_event if body.include_usage else None),
                              media_type="text/event-stream")
 
 
@@ -469,15 +473,14 @@ def _as_async_engine(engine: dict | LLMEngine | AsyncEngine) -> tuple[AsyncEngin
     if isinstance(engine, AsyncEngine):
         return engine, False
     if isinstance(engine, dict):
-        from lmserve.entrypoints.llm import LLM
-        engine = LLM(**engine).engine
+        engine = create_engine(**engine)
     return AsyncEngine(engine).start(), True
 
 
 def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, api_key: str | None = None,
               max_waiting: int = DEFAULT_MAX_WAITING,
               request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT) -> FastAPI:
-    """An app serving `engine`: `LLM` keyword arguments (the model is loaded now), an `LLMEngine`
+    """An app serving `engine`: `create_engine` keyword arguments (the model is loaded now), an `LLMEngine`
     (driven by a new thread) or a running `AsyncEngine` (shared; its owner stops it). Requests
     beyond `max_waiting` queued ones get 429; a request running over `request_timeout` seconds
     is aborted."""

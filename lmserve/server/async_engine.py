@@ -19,7 +19,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from lmserve.engine.llm_engine import LLMEngine
+from lmserve.engine.llm_engine import EngineStats, LLMEngine
 from lmserve.errors import LmserveError
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams
@@ -69,16 +69,6 @@ class _Abort:
 
 class _Stop:
     pass
-
-
-@dataclass
-class EngineStats:
-    """A snapshot published by the engine thread; reading it never touches the engine."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    prefix_cache_hit_rate: float = 0.0
 
 
 class AsyncEngine:
@@ -235,9 +225,4 @@ class AsyncEngine:
         self._streams.clear()
 
     def _publish_stats(self) -> None:
-        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
-        self.stats = EngineStats(
-            num_running=len({s.request.request_id for s in scheduler.running}),
-            num_waiting=len({s.request.request_id for s in scheduler.waiting}),
-            kv_cache_usage=blocks.num_used_blocks / blocks.num_blocks if blocks.num_blocks else 0.0,
-            prefix_cache_hit_rate=blocks.prefix_cache_hit_rate)
+        self.stats = self.engine.stats()

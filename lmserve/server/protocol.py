@@ -140,9 +140,22 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
-# ---- responses --------------------------------------------------------------------------------
+# ---- responses and stream chunks ----------------------------------------------------------------
+# The non-streamed bodies and the server-sent chunks of /v1/completions and /v1/chat/completions.
+# A completions stream chunk has the shape of the completions response; chat has a chunk model of
+# its own. In a stream, `usage` is null in every chunk but the last when the client asked for
+# usage (`stream_options.include_usage`) and absent otherwise: the app leaves it out when dumping.
 
-class Usage(BaseModel):
+def _omitted_when_none():
+    return Field(None, exclude_if=lambda value: value is None)
+
+
+class _Body(BaseModel):
+    # Non-finite floats (logprobs) are written as json.dumps writes them, not as null.
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+
+class Usage(_Body):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -153,13 +166,14 @@ class Usage(BaseModel):
                    total_tokens=prompt_tokens + completion_tokens)
 
 
-class _Response(BaseModel):
+class _Response(_Body):
     id: str
+    object: str
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_Body):
     index: int
     text: str
     logprobs: dict | None = None
@@ -167,17 +181,18 @@ class CompletionChoice(BaseModel):
 
 
 class CompletionResponse(_Response):
+    """A /v1/completions response, and each chunk of its stream."""
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
 
-class ChatMessageOut(BaseModel):
+class ChatMessageOut(_Body):
     role: Literal["assistant"] = "assistant"
     content: str
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(_Body):
     index: int
     message: ChatMessageOut
     logprobs: dict | None = None
@@ -190,12 +205,13 @@ class ChatCompletionResponse(_Response):
     usage: Usage
 
 
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+class ChatDelta(_Body):
+    """The role in a choice's first chunk, then its new text; either is left out when None."""
+    role: Literal["assistant"] | None = _omitted_when_none()
+    content: str | None = _omitted_when_none()
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(_Body):
     index: int
     delta: ChatDelta
     logprobs: dict | None = None

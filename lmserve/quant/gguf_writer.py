@@ -1,12 +1,12 @@
 """`lmserve quantize`: write a GGUF file whose weight matrices are quantized to one GGML type.
 
 The input is a GGUF file (its metadata is copied as is) or a Hugging Face safetensors directory
-(metadata built from the config and tokenizer the way llama.cpp's converter writes it: llama.cpp
-tensor names, Llama q/k rows permuted to llama.cpp's interleaved rotary layout, byte-level BPE
-vocabulary). Tensors of two or more dimensions are quantized along their rows; 1-D tensors
-(norms, biases) are stored F32. A matrix whose rows do not divide into the type's blocks falls
-back as llama.cpp's quantize does (Q4_K to Q5_0 for rows a multiple of 32), else to F16, with a
-log line.
+of a family whose descriptor names a `quantize_gguf_arch` (metadata built from the config and
+tokenizer the way llama.cpp's converter writes it: llama.cpp tensor names, Llama q/k rows permuted
+to llama.cpp's interleaved rotary layout, byte-level BPE vocabulary). Tensors of two or more
+dimensions are quantized along their rows; 1-D tensors (norms, biases) are stored F32. A matrix
+whose rows do not divide into the type's blocks falls back as llama.cpp's quantize does (Q4_K to
+Q5_0 for rows a multiple of 32), else to F16, with a log line.
 
 gguf-py quantizes Q8_0, Q4_0, Q4_1 and Q5_0; it has no Q4_K quantizer, so :func:`quantize_q4_k`
 implements one (a per-sub-block min/max fit).
@@ -26,6 +26,7 @@ import numpy as np
 from gguf.quants import dequantize, quantize
 
 from lmserve.errors import InvalidParameterError, ModelLoadError
+from lmserve.models import registry
 
 logger = logging.getLogger("lmserve")
 
@@ -160,8 +161,6 @@ def _gguf_source(path: Path) -> _Source:
     return _Source(str(meta.get("general.architecture")), write_metadata, tensors)
 
 
-# lmserve family -> GGUF architecture; llama.cpp's converter writes Mistral as "llama".
-_HF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _CONVERT_HINT = "convert the directory with llama.cpp's convert_hf_to_gguf.py and quantize that GGUF file"
 
 
@@ -178,17 +177,19 @@ def _hf_source(directory: Path) -> _Source:
 
     checkpoint = load_hf_directory(directory)
     cfg = checkpoint.config
-    arch = _HF_ARCHITECTURES.get(cfg.architecture)
+    arch = registry.family(cfg.architecture).quantize_gguf_arch
     if arch is None:
+        supported = [family.architecture for family in registry.families() if family.quantize_gguf_arch]
         raise ModelLoadError(directory, f"quantize cannot convert architecture {cfg.architecture!r} "
-                                        f"(supported: {', '.join(_HF_ARCHITECTURES)})")
+                                        f"(supported: {', '.join(supported)})")
     scaling = (cfg.rope_scaling or {}).get("rope_type")
     if scaling not in (None, "default", "linear", "yarn"):
         raise ModelLoadError(directory, f"quantize cannot write {scaling!r} rope scaling from a Hugging Face "
                                         f"directory; {_CONVERT_HINT}")
     tokenizer_meta = _byte_level_vocab(directory, cfg.vocab_size)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_layers)
-    rope_heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads} if arch == "llama" else {}
+    rope_heads = ({"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+                  if registry.family_for_gguf(arch).gguf_qk_interleaved else {})
 
     def write_metadata(writer):
         writer.add_name(cfg.name or directory.name)

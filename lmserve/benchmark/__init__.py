@@ -1,1 +1,0 @@
-"""Load generators and measurement tools (`lmserve bench ...`)."""
