@@ -16,10 +16,25 @@ from lmserve.quant.packed import BlockWeight, GroupWeight, Int4Weight, pack, pac
 
 
 
-class VocabEmbedding(nn.Module):
-    """Looks up one row per token id."""
+class _VocabMatrix(nn.Module):
+    """A [vocab, dim] weight that is dense, or packed by `_pack` when the checkpoint's is quantized."""
 
     accepts_packed = True
+
+    def _pack(self, tensor: GroupQuantized) -> nn.Module:
+        raise NotImplementedError
+
+    def load_shard(self, param_name: str, tensor, shard: str | None = None) -> None:
+        if isinstance(tensor, GroupQuantized):
+            self.packed = self._pack(tensor)
+            del self.weight
+            self.weight = None
+        else:
+            copy_checked(self.weight.data, tensor, param_name)
+
+
+class VocabEmbedding(_VocabMatrix):
+    """Looks up one row per token id."""
 
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
@@ -27,13 +42,8 @@ class VocabEmbedding(nn.Module):
         self.packed: BlockWeight | GroupWeight | None = None
         self.dtype = torch.get_default_dtype()
 
-    def load_shard(self, param_name: str, tensor, shard: str | None = None) -> None:
-        if isinstance(tensor, GroupQuantized):
-            self.packed = pack_table(tensor)
-            del self.weight
-            self.weight = None
-        else:
-            copy_checked(self.weight.data, tensor, param_name)
+    def _pack(self, tensor: GroupQuantized) -> nn.Module:
+        return pack_table(tensor)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -50,10 +60,8 @@ class LearnedPositionEmbedding(VocabEmbedding):
         super().__init__(num_positions, dim)
 
 
-class LMHead(nn.Module):
+class LMHead(_VocabMatrix):
     """Projects hidden states to vocabulary logits; `tied_to` reuses the embedding table."""
-
-    accepts_packed = True
 
     def __init__(self, vocab_size: int, dim: int, tied_to: VocabEmbedding | None = None):
         super().__init__()
@@ -62,13 +70,8 @@ class LMHead(nn.Module):
             torch.empty(vocab_size, dim), requires_grad=False)
         self.packed: nn.Module | None = None
 
-    def load_shard(self, param_name: str, tensor, shard: str | None = None) -> None:
-        if isinstance(tensor, GroupQuantized):
-            self.packed = pack(tensor)
-            del self.weight
-            self.weight = None
-        else:
-            copy_checked(self.weight.data, tensor, param_name)
+    def _pack(self, tensor: GroupQuantized) -> nn.Module:
+        return pack(tensor)
 
     def finish_loading(self) -> None:
         if self.tied_to is not None and self.tied_to.packed is not None and self.packed is None:
