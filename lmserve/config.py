@@ -148,6 +148,51 @@ def parse_bytes(value: int | str, field_name: str) -> int:
     return result
 
 
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding: a proposer guesses `num_speculative_tokens` tokens per running
+    sequence and the model verifies them in the same step. "ngram": prompt lookup, the tokens
+    that followed the latest earlier occurrence of the sequence's last `ngram_max` (down to
+    `ngram_min`) tokens. Off for a step with more than `max_batch_size` running sequences, where
+    the extra verification rows cost more than the accepted tokens save."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    ngram_max: int = 4
+    ngram_min: int = 2
+    max_batch_size: int = 4
+
+    def __post_init__(self):
+        if self.method not in SPECULATIVE_METHODS:
+            raise InvalidParameterError("speculative.method", f"must be one of {', '.join(SPECULATIVE_METHODS)}; "
+                                                              f"got {self.method!r}")
+        for name, low, high in (("num_speculative_tokens", 1, 16), ("ngram_min", 1, 64), ("ngram_max", 1, 64),
+                                ("max_batch_size", 1, 1 << 20)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise InvalidParameterError(f"speculative.{name}", f"must be an integer in [{low}, {high}], "
+                                                                   f"got {value!r}")
+        if self.ngram_min > self.ngram_max:
+            raise InvalidParameterError("speculative.ngram_min", f"{self.ngram_min} exceeds ngram_max "
+                                                                 f"({self.ngram_max})")
+
+    @classmethod
+    def from_options(cls, options: "SpeculativeConfig | dict | None") -> "SpeculativeConfig | None":
+        if options is None or isinstance(options, SpeculativeConfig):
+            return options
+        if not isinstance(options, dict):
+            raise InvalidParameterError("speculative", f"must be a dict of options, got {type(options).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InvalidParameterError("speculative", f"unknown option {unknown[0]!r} "
+                                                       f"(known: {', '.join(sorted(known))})")
+        return cls(**options)
+
+
 @dataclass
 class EngineConfig:
     """How the engine runs a model: device, precision, KV-cache size and per-step budgets."""
@@ -176,6 +221,8 @@ class EngineConfig:
     # "swap" copies them to `swap_space` bytes of host memory (a memory-mapped file for a CPU cache).
     preemption_mode: str = "recompute"
     swap_space: int | str = "1GiB"
+    # Speculative decoding (a SpeculativeConfig or a dict of its fields), or None for off.
+    speculative: SpeculativeConfig | dict | None = None
 
     def __post_init__(self):
         try:
@@ -209,3 +256,4 @@ class EngineConfig:
             raise InvalidParameterError("preemption_mode", f"must be one of {', '.join(PREEMPTION_MODES)}; "
                                                            f"got {self.preemption_mode!r}")
         self.swap_space_bytes = parse_bytes(self.swap_space, "swap_space")
+        self.speculative = SpeculativeConfig.from_options(self.speculative)

@@ -14,6 +14,8 @@ from lmserve.errors import InvalidParameterError
 
 # Temperatures below this are treated as greedy: dividing logits by them overflows float32.
 GREEDY_TEMPERATURE = 1e-5
+# Above this the distribution is uniform for any practical purpose; larger values are mistakes.
+MAX_TEMPERATURE = 100.0
 MAX_LOGPROBS = 20
 _SEED_RANGE = (-(2**63), 2**63 - 1)
 
@@ -33,6 +35,13 @@ def _number(field: str, value, allowed: str) -> float:
 def _check(field: str, ok: bool, allowed: str, value) -> None:
     if not ok:
         raise InvalidParameterError(field, f"must be {allowed}, got {value!r}")
+
+
+def _temperature(value) -> float:
+    value = _number("temperature", value, ">= 0")
+    _check("temperature", 0 <= value < math.inf, "a finite number >= 0", value)
+    _check("temperature", value <= MAX_TEMPERATURE, f"at most {MAX_TEMPERATURE:g}", value)
+    return value
 
 
 def _flag(field: str, value) -> bool:
@@ -108,6 +117,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
+    speculative: bool = True  # False: this request opts out of the engine's speculative decoding
 
     def __post_init__(self) -> None:
         self._validate_lengths()
@@ -118,6 +128,7 @@ class SamplingParams:
         self.ignore_eos = _flag("ignore_eos", self.ignore_eos)
         self.skip_special_tokens = _flag("skip_special_tokens", self.skip_special_tokens)
         self.include_stop_str_in_output = _flag("include_stop_str_in_output", self.include_stop_str_in_output)
+        self.speculative = _flag("speculative", self.speculative)
 
     def _validate_lengths(self) -> None:
         self.n = _integer("n", self.n, ">= 1")
@@ -146,8 +157,7 @@ class SamplingParams:
                    self.seed)
 
     def _validate_sampling(self) -> None:
-        self.temperature = _number("temperature", self.temperature, ">= 0")
-        _check("temperature", 0 <= self.temperature < math.inf, "a finite number >= 0", self.temperature)
+        self.temperature = _temperature(self.temperature)
         self.top_k = _integer("top_k", self.top_k, ">= 1 (or 0 / -1 to disable)")
         _check("top_k", self.top_k >= -1, ">= 1 (or 0 / -1 to disable)", self.top_k)
         self.top_p = _number("top_p", self.top_p, "in (0, 1]")
@@ -199,8 +209,7 @@ class BeamSearchParams:
         self.length_penalty = _number("length_penalty", self.length_penalty, "(finite)")
         _check("length_penalty", math.isfinite(self.length_penalty), "a finite number", self.length_penalty)
         self.ignore_eos = _flag("ignore_eos", self.ignore_eos)
-        self.temperature = _number("temperature", self.temperature, ">= 0")
-        _check("temperature", 0 <= self.temperature < math.inf, "a finite number >= 0", self.temperature)
+        self.temperature = _temperature(self.temperature)
         _check("early_stopping", isinstance(self.early_stopping, bool) or self.early_stopping == "never",
                'true, false or "never"', self.early_stopping)
 

@@ -144,6 +144,15 @@ class BlockManager:
             seq.block_table.append(self._pop_free())
         return True
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Release the blocks at the end of `seq`'s table that no position below `num_tokens`
+        uses (slots of rejected speculative tokens)."""
+        keep = self.blocks_for(num_tokens)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            if block != NO_BLOCK:
+                self._release(block)
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Make `child` share all of `parent`'s blocks and computed state (copy-on-write)."""
         for block in parent.block_table:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from lmserve.config import EngineConfig
@@ -29,7 +30,8 @@ from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.parallel_sampling import Forker
 from lmserve.engine.sampler import Sampler, SamplingRow
 from lmserve.engine.scheduler import Scheduler
-from lmserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from lmserve.engine.speculative import SpecStats, Speculator
+from lmserve.engine.scoring import score_sequence
 from lmserve.engine.sequence import Request
 from lmserve.errors import InvalidParameterError
 from lmserve.loader import Checkpoint
@@ -47,6 +49,7 @@ class EngineStats:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
     prefix_cache_hit_rate: float = 0.0
+    spec: SpecStats | None = None  # speculative decoding totals, when it is on
 
 
 class LLMEngine:
@@ -77,6 +80,8 @@ class LLMEngine:
         self.inputs = InputProcessor(self.tokenizer, cfg, engine_config, self.max_model_len, self.stop_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, self.stop_token_ids, self.max_model_len, self.scheduler.remove)
         self.forker = Forker(self.inputs.new_sequence, self.scheduler)
+        spec = engine_config.speculative
+        self.speculator = Speculator(spec, self.max_model_len) if spec is not None else None
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -109,34 +114,56 @@ class LLMEngine:
             num_running=len({s.request.request_id for s in scheduler.running}),
             num_waiting=len({s.request.request_id for s in scheduler.waiting}),
             kv_cache_usage=blocks.num_used_blocks / blocks.num_blocks if blocks.num_blocks else 0.0,
-            prefix_cache_hit_rate=blocks.prefix_cache_hit_rate)
+            prefix_cache_hit_rate=blocks.prefix_cache_hit_rate,
+            spec=replace(self.speculator.stats) if self.speculator is not None else None)
 
     # ---- one iteration ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         scheduled = self.scheduler.schedule()
         logits = self.runner.execute(scheduled)
         if logits is None:
             return []
-        sampling = self.scheduler.update_from_output(scheduled)
+        verifying = self.scheduler.update_from_output(scheduled)
+        first_rows = np.cumsum([0] + [1 + r.num_spec_tokens for r in verifying])[:-1].tolist()  # logits rows
         touched: dict[str, Request] = {}
-        beam_rows = [i for i, s in enumerate(sampling) if s.request.beam is not None]
-        if beam_rows:
-            for request in record_beam_logprobs(logits[beam_rows], [sampling[i] for i in beam_rows],
+        beams = [i for i, r in enumerate(verifying) if r.seq.request.beam is not None]
+        if beams:
+            for request in record_beam_logprobs(logits[[first_rows[i] for i in beams]],
+                                                [verifying[i].seq for i in beams],
                                                 self.forker.fork, self.outputs.finish):
                 touched[request.request_id] = request
-            keep = [i for i, s in enumerate(sampling) if s.request.beam is None]
-            logits, sampling = logits[keep], [sampling[i] for i in keep]
-        rows_of_samples = self.forker.fork_samples(sampling)
-        if len(rows_of_samples) != logits.shape[0]:
-            logits = logits[rows_of_samples]
-        rows = [SamplingRow(s.params, s.generator, s.request.prompt_token_ids, s.output_token_ids)
-                for s in sampling]
+        sampling = [r.seq for r in verifying if r.seq.request.beam is None]
+        first_rows = [row for row, r in zip(first_rows, verifying) if r.seq.request.beam is None]
+        first_rows += [first_rows[i] for i in self.forker.fork_samples(sampling)[len(first_rows):]]
+        # One sampler row per logits row a sequence gets; a verifying one's rows see the
+        # proposals before them as generated tokens.
+        rows, logit_rows, owners = [], [], []
+        for seq, first in zip(sampling, first_rows):
+            for j in range(len(seq.spec_token_ids) + 1):
+                history = seq.output_token_ids + seq.spec_token_ids[:j] if j else seq.output_token_ids
+                rows.append(SamplingRow(seq.params, seq.generator, seq.request.prompt_token_ids, history))
+                logit_rows.append(first + j)
+                owners.append(seq)
+        if logit_rows != list(range(logits.shape[0])):
+            logits = logits[logit_rows]
         result = self.sampler(logits, rows, [self.stop_token_ids | set(s.params.stop_token_ids or ())
-                                             for s in sampling])
+                                             for s in owners])
         now = time.perf_counter()
-        for i, seq in enumerate(sampling):
-            self.outputs.append_token(seq, result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
+        row = 0
+        for seq in sampling:
+            tokens = result.token_ids[row: row + len(seq.spec_token_ids) + 1]
+            if seq.spec_token_ids:
+                tokens = self.speculator.accepted_tokens(seq.spec_token_ids, tokens)
+            for j, token in enumerate(tokens):
+                self.outputs.append_token(seq, token, result.logprobs[row + j], result.top_logprobs[row + j])
+                if seq.is_finished:
+                    break
+            row += len(seq.spec_token_ids) + 1
+            if seq.spec_token_ids and not seq.is_finished:
+                self.scheduler.accept_proposals(seq, len(tokens) - 1)
             if seq.request.first_token_time is None:
                 seq.request.first_token_time = now
             touched[seq.request.request_id] = seq.request
@@ -150,31 +177,8 @@ class LLMEngine:
                 outputs.append(output)
         return outputs
 
-    # ---- scoring ------------------------------------------------------------------------------
-
-    @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """fp32 logits [len(token_ids), vocab] at every position of one sequence (the logits at
-        position i predict token i + 1), for perplexity and divergence reports.
-
-        The tokens are prefilled as one temporary sequence in chunks of at most
-        max_num_batched_tokens, through the same runner as generation; its KV blocks are freed
-        afterwards and never enter the prefix cache."""
-        seq = self.inputs.scoring_sequence(token_ids)
-        n = seq.num_tokens
-        if not self.block_manager.allocate(seq, n):
-            raise InvalidParameterError("token_ids", f"{n} tokens need {self.block_manager.blocks_for(n)} KV "
-                                                     f"blocks but only {self.block_manager.num_free_blocks} are free")
-        # The runner returns logits of sampling positions only; take the final hidden states of
-        # every position from the model's output instead.
-        hidden: list[torch.Tensor] = []
-        hook = self.model.register_forward_hook(lambda module, args, output: hidden.append(output))
-        try:
-            while seq.num_computed_tokens < n:
-                chunk = min(self.config.max_num_batched_tokens, n - seq.num_computed_tokens)
-                self.runner.execute(SchedulerOutput([ScheduledSequence(seq, chunk)]))
-                seq.num_computed_tokens += chunk
-            return torch.cat([self.model.compute_logits(h) for h in hidden]).float()
-        finally:
-            hook.remove()
-            self.block_manager.free(seq)
+        position i predict token i + 1), computed by the same runner as generation."""
+        return score_sequence(self.inputs.scoring_sequence(token_ids), self.block_manager, self.runner,
+                              self.config.max_num_batched_tokens)

@@ -85,7 +85,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> torch.Tensor | None:
         """Run the step's block operations, then forward its tokens; returns fp32 logits
-        [num sampling rows, vocab] in schedule order (None when no sequence is scheduled)."""
+        [num sampling rows, vocab] in schedule order (None when no sequence is scheduled): one row
+        per sampling sequence, 1 + k for one verifying k proposals."""
         for op in output.block_ops:
             self._run_block_op(op)
         if not output.scheduled:
@@ -103,12 +104,12 @@ class ModelRunner:
         for r in scheduled:
             seq, c = r.seq, r.seq.num_computed_tokens
             starts.append(len(input_ids))
-            input_ids.extend(seq.token_ids[c: c + r.num_tokens])
+            tokens = seq.token_ids + seq.spec_token_ids if r.num_spec_tokens else seq.token_ids
+            input_ids.extend(tokens[c: c + r.num_tokens])
             positions.extend(range(c, c + r.num_tokens))
             table, size = seq.block_table, self.block_size
             slots.extend(table[p // size] * size + p % size for p in range(c, c + r.num_tokens))
-            if r.samples:
-                sample_index.append(len(input_ids) - 1)
+            sample_index.extend(range(len(input_ids) - r.num_logits, len(input_ids)))
         groups = []
         for is_decode in (True, False):
             members = [i for i, r in enumerate(scheduled) if (r.num_tokens == 1) == is_decode]

@@ -66,6 +66,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.spec_token_ids.clear()
         if self.preemption_mode == "swap" and self.block_manager.can_swap_out(seq):
             self.block_manager.swap_out(seq)
             seq.status = SequenceStatus.SWAPPED
@@ -105,14 +106,24 @@ class Scheduler:
             scheduled = self._schedule()
         return SchedulerOutput(scheduled, self.block_manager.take_block_ops())
 
-    def update_from_output(self, output: SchedulerOutput) -> list[Sequence]:
-        """After the step's forward: its tokens are computed (full blocks enter the prefix
-        cache). Returns the sequences that sample a token, in the order of the logits rows."""
-        sampling = [r.seq for r in output if r.samples]
+    def update_from_output(self, output: SchedulerOutput) -> list[ScheduledSequence]:
+        """After the step's forward: its known tokens are computed (full blocks enter the prefix
+        cache); speculative proposals count only once accepted (`accept_proposals`). Returns the
+        scheduled sequences that sample, in the order of the logits rows."""
+        sampling = [r for r in output if r.samples]
         for r in output:
-            r.seq.num_computed_tokens += r.num_tokens
+            r.seq.num_computed_tokens += r.num_tokens - r.num_spec_tokens
             self.block_manager.register_full_blocks(r.seq)
         return sampling
+
+    def accept_proposals(self, seq: Sequence, num_accepted: int) -> None:
+        """The first `num_accepted` proposals verified this step were right: their K/V are kept
+        (they must already be appended to `seq.token_ids`); the slots of the rest are given up,
+        with any block that holds nothing else."""
+        seq.num_computed_tokens += num_accepted
+        seq.spec_token_ids.clear()
+        self.block_manager.trim(seq, seq.num_computed_tokens + 1)
+        self.block_manager.register_full_blocks(seq)
 
     def _schedule(self) -> list[ScheduledSequence]:
         budget = self.max_num_batched_tokens
@@ -121,7 +132,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            pending = seq.num_tokens - seq.num_computed_tokens
+            n = min(pending + len(seq.spec_token_ids), budget)
+            del seq.spec_token_ids[max(0, n - pending):]  # proposals beyond the budget wait
             if seq.awaits_beam_step:
                 i += 1
                 continue
@@ -133,7 +146,7 @@ class Scheduler:
                     break
             if seq.status != SequenceStatus.RUNNING:
                 break
-            scheduled.append(ScheduledSequence(seq, n))
+            scheduled.append(ScheduledSequence(seq, n, len(seq.spec_token_ids)))
             budget -= n
             i += 1
         # After a preemption the pool is known to be short: admit nobody new this step.

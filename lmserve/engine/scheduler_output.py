@@ -4,8 +4,9 @@
 block operations (copy-on-write copies, swaps out and in, in the order they were decided: a block
 freed by one may be reused by a later one) and then one forward over the scheduled tokens, and
 returns logits for the sequences that sample; `Scheduler.update_from_output()` then advances
-each sequence's computed tokens. The runner reads a sequence's tokens, computed-token count and
-block table, nothing else of the scheduler or the block manager.
+each sequence's computed tokens. The runner reads a sequence's tokens (and speculative
+proposals), computed-token count and block table, nothing else of the scheduler or the block
+manager.
 """
 
 from __future__ import annotations
@@ -31,12 +32,18 @@ class BlockOp(NamedTuple):
 @dataclass
 class ScheduledSequence:
     seq: Sequence
-    num_tokens: int  # tokens computed for this sequence in this step
+    num_tokens: int  # tokens computed for this sequence in this step, its proposed ones included
+    num_spec_tokens: int = 0  # of which speculative proposals (`seq.spec_token_ids`), verified this step
 
     @property
     def samples(self) -> bool:
         """True when this step reaches the sequence's last known token, so a new token is sampled."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens + self.num_spec_tokens
+
+    @property
+    def num_logits(self) -> int:
+        """Logits rows this sequence gets: one per proposal plus one, when it samples."""
+        return 1 + self.num_spec_tokens if self.samples else 0
 
 
 @dataclass

@@ -46,6 +46,7 @@ class Sequence:
     num_emitted_tokens: int = 0  # output tokens already reported in a streaming delta
     num_emitted_chars: int = 0
     beam_logprobs: object | None = None  # beam search: next-token log-probs awaiting the request's beam step
+    spec_token_ids: list[int] = field(default_factory=list)  # proposed tokens the next step verifies
 
     @property
     def params(self) -> SamplingParams:
