@@ -50,9 +50,11 @@ requests_strategy = st.lists(
 @settings(max_examples=80, deadline=None)
 @given(requests=requests_strategy, num_blocks=st.integers(6, 24), block_size=st.sampled_from([1, 4, 16]),
        budget=st.integers(1, 64), max_seqs=st.integers(1, 8), prefix_caching=st.booleans(),
-       vocab=st.integers(1, 3))
+       vocab=st.integers(1, 3), speculate=st.integers(0, 3))
 def test_random_workloads_never_leak_blocks(requests, num_blocks, block_size, budget, max_seqs,
-                                            prefix_caching, vocab):
+                                            prefix_caching, vocab, speculate):
+    """`speculate` > 0: decoding sequences get up to that many proposals a step, of which a
+    varying number is accepted (the rest rolled back), as speculative decoding does."""
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
     sched = Scheduler(bm, max_seqs, budget)
     capacity = num_blocks * block_size
@@ -71,33 +73,40 @@ def test_random_workloads_never_leak_blocks(requests, num_blocks, block_size, bu
             if arrive_step == step:
                 sched.add(seq)
                 live.append(seq)
+        for seq in sched.running:  # proposals, as the speculator makes them
+            room = min(speculate, capacity - seq.num_tokens - 1, seq.params.max_tokens - seq.num_output_tokens - 1)
+            decoding = seq.num_tokens - seq.num_computed_tokens == 1
+            seq.spec_token_ids = [(seq.num_tokens + j) % vocab for j in range(room)] if decoding else []
         scheduled = sched.schedule()
         assert sum(r.num_tokens for r in scheduled) <= budget
         assert len(sched.running) <= max_seqs
         for r in scheduled:
             seq, c = r.seq, r.seq.num_computed_tokens
+            tokens = seq.token_ids + seq.spec_token_ids
             assert bm.blocks_for(c + r.num_tokens) <= len(seq.block_table)
             for p in range(c):  # context read by attention must be this sequence's own tokens
                 assert slot_content.get(bm.slot(seq, p)) == (seq.token_ids[p], p)
             for p in range(c, c + r.num_tokens):
                 slot = bm.slot(seq, p)
                 block = seq.block_table[p // block_size]
-                assert bm.ref_counts[block] == 1 or slot_content.get(slot) == (seq.token_ids[p], p), \
+                assert bm.ref_counts[block] == 1 or slot_content.get(slot) == (tokens[p], p), \
                     "a write into a shared block would change another sequence's context"
-                slot_content[slot] = (seq.token_ids[p], p)
-        for r in scheduled:
-            r.seq.num_computed_tokens += r.num_tokens
-            bm.register_full_blocks(r.seq)
-        for r in scheduled:
+                slot_content[slot] = (tokens[p], p)
+        for r in sched.update_from_output(scheduled):
             seq = r.seq
-            if seq.num_computed_tokens == seq.num_tokens:
+            if r.num_spec_tokens:
+                accepted = (step + seq.seq_id) % (r.num_spec_tokens + 1)
+                seq.token_ids.extend(seq.spec_token_ids[:accepted])
                 seq.token_ids.append(7)
-                abort = next(a for _, s, a in pending if s is seq)
-                if seq.num_output_tokens >= seq.params.max_tokens or (abort and seq.num_output_tokens == 1):
-                    seq.status = SequenceStatus.FINISHED
-                    sched.remove(seq)
-                    live.remove(seq)
-                    done.add(seq.seq_id)
+                sched.accept_proposals(seq, accepted)
+            else:
+                seq.token_ids.append(7)
+            abort = next(a for _, s, a in pending if s is seq)
+            if seq.num_output_tokens >= seq.params.max_tokens or (abort and seq.num_output_tokens == 1):
+                seq.status = SequenceStatus.FINISHED
+                sched.remove(seq)
+                live.remove(seq)
+                done.add(seq.seq_id)
         _check_invariants(bm, live)
         if not sched.has_unfinished() and step > max(a for a, _, _ in pending):
             break
