@@ -51,6 +51,20 @@ def test_greedy_output_equals_plain_decoding(tiny_model_factory, options):
     assert flat[0] == pytest.approx(flat[1], abs=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["llama_gqa", "mistral_sliding"])
+def test_fused_verification_equals_plain_decoding(tiny_model_factory, kind):
+    """Packed weights: verification steps run through the fused native decoder (1 + k rows per
+    sequence sharing its block table), including a sliding window shorter than the context."""
+    directory, _ = tiny_model_factory(kind)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = LLM(str(directory), quantization="int8", kv_cache_memory="16MiB")
+    spec = LLM(str(directory), quantization="int8", kv_cache_memory="16MiB", speculative=NGRAM)
+    if spec.engine.runner.fused_decode is None:
+        pytest.skip("the fused native decoder is unavailable here")
+    assert _greedy(spec, params) == _greedy(plain, params)
+    assert spec.engine.stats().spec.num_accepted > 0
+
+
 def test_opt_out_and_stop_token_inside_accepted_proposals(tiny_model_factory):
     directory, _ = tiny_model_factory("llama_gqa")
     plain = LLM(str(directory), dtype="float32")

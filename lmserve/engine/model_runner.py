@@ -94,7 +94,7 @@ class ModelRunner:
         return self._forward(output.scheduled)
 
     def _forward(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
-        if self.fused_decode is not None and all(r.num_tokens == 1 for r in scheduled):
+        if self.fused_decode is not None and all(r.num_tokens == 1 + r.num_spec_tokens for r in scheduled):
             return self._fused_decode_step(scheduled)
         input_ids: list[int] = []
         positions: list[int] = []
@@ -123,15 +123,23 @@ class ModelRunner:
         return self.model.compute_logits(hidden[torch.tensor(sample_index, dtype=torch.long, device=dev)])
 
     def _fused_decode_step(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
-        """A step that adds one token per sequence, through the fused native decoder: its
-        metadata is only the tokens, their positions and the block tables."""
-        seqs = [r.seq for r in scheduled]
-        positions = [s.num_computed_tokens for s in seqs]
+        """A step that adds one token per sequence (plus its proposals, if any), through the
+        fused native decoder: its metadata is only the tokens, their positions and the block
+        tables. A sequence verifying k proposals takes 1 + k rows with the same block table and
+        consecutive positions: each layer stores every row's K/V before any row attends, so a
+        row sees the rows before it."""
+        tokens, positions, seqs, sample_rows = [], [], [], []
+        for r in scheduled:
+            seq, c = r.seq, r.seq.num_computed_tokens
+            known = seq.token_ids + seq.spec_token_ids if r.num_spec_tokens else seq.token_ids
+            tokens.extend(known[c: c + r.num_tokens])
+            positions.extend(range(c, c + r.num_tokens))
+            seqs.extend([seq] * r.num_tokens)
+            sample_rows.extend(range(len(tokens) - r.num_logits, len(tokens)))
         tables = _block_tables(seqs, max(len(s.block_table) for s in seqs))
-        hidden = self.fused_decode.forward(torch.tensor([s.token_ids[p] for s, p in zip(seqs, positions)]),
-                                           torch.tensor(positions), tables, self.block_size)
-        if not all(r.samples for r in scheduled):
-            hidden = hidden[torch.tensor([i for i, r in enumerate(scheduled) if r.samples], dtype=torch.long)]
+        hidden = self.fused_decode.forward(torch.tensor(tokens), torch.tensor(positions), tables, self.block_size)
+        if len(sample_rows) != len(tokens):
+            hidden = hidden[torch.tensor(sample_rows, dtype=torch.long)]
         return self.model.compute_logits(hidden)
 
     # ---- block copies and the swap tier (decided by the scheduler, run before a forward) ----
