@@ -1,7 +1,8 @@
 """GGUF checkpoints: hyper-parameters and tokenizer from the metadata, tensors dequantized by
 the `gguf` package and renamed to the Hugging Face names the models use. What differs between
 families (tensor names, metadata, q/k layout) comes from their descriptors in
-`lmserve.models.registry`."""
+`lmserve.models.registry`. Before anything is built from a file, its layout (`gguf_layout`), the
+kinds of its metadata values and their agreement with its tensors (`sanity`) are checked."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 from lmserve.config import ModelConfig
 from lmserve.errors import InvalidParameterError, ModelLoadError
 from lmserve.loader.checkpoint import Checkpoint
+from lmserve.loader.gguf_layout import TensorSpan, check_gguf_layout
+from lmserve.loader.sanity import check_layers, check_shapes, check_token_ids
 from lmserve.models import registry
 from lmserve.quant.gguf_blocks import PACKABLE_TYPES, decode
 
@@ -24,6 +27,7 @@ SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                    "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"}
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_LAYER_RE = re.compile(r"^blk\.(\d{1,18})\.")  # longer numbers name no layer the model has
 # Mixtral files written before llama.cpp stacked the experts: blk.N.ffn_gate.E.weight
 _PER_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 
@@ -68,10 +72,15 @@ def _moe_settings(key: registry.GgufKey, num_layers: int, tensor_names: set[str]
     )
 
 
-def _longrope_scaling(reader, meta: dict, config: ModelConfig) -> dict:
-    """Phi-3's long-RoPE parameters; llama.cpp keeps the two factor lists as tensors."""
+def _longrope_scaling(reader, meta: dict, config: ModelConfig, path: Path) -> dict:
+    """Phi-3's long-RoPE parameters; llama.cpp keeps the two factor lists as tensors, F32 with one
+    factor per rotary frequency."""
     factors = {t.name: np.asarray(t.data, dtype=np.float32).tolist() for t in reader.tensors
-               if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")}
+               if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")
+               and t.tensor_type.name == "F32" and int(t.n_elements) == config.head_dim // 2}
+    if len(factors) != 2:
+        raise ModelLoadError(path, f"long-RoPE needs F32 tensors 'rope_factors_long.weight' and "
+                                   f"'rope_factors_short.weight' of head_dim / 2 = {config.head_dim // 2} factors")
     scaling = {"rope_type": "longrope", "long_factor": factors["rope_factors_long.weight"],
                "short_factor": factors["rope_factors_short.weight"],
                "original_max_position_embeddings": meta.get("phi3.rope.scaling.original_context_length",
@@ -104,6 +113,8 @@ def _config_from_metadata(meta: dict, family: registry.ModelFamily, tensor_names
             scaling["original_max_position_embeddings"] = key("rope.scaling.original_context_length")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     num_layers = key("block_count", required=True)
+    layer_of = {name: int(match[1]) for name in tensor_names if (match := _LAYER_RE.match(name))}
+    check_layers(path, f"{arch}.block_count", num_layers, layer_of, "blk.{}.*")
     config = ModelConfig(
         architecture=family.architecture,
         vocab_size=int(vocab),
@@ -132,18 +143,37 @@ def _config_from_metadata(meta: dict, family: registry.ModelFamily, tensor_names
     return dataclasses.replace(config, **family.config_from_gguf(key, config))
 
 
+def _check_against_tensors(config: ModelConfig, meta: dict, spans: list[TensorSpan], path: Path) -> None:
+    """The shapes the config gives the weights it sizes, and the special token ids, against the file."""
+    weights = []
+    for span in spans:
+        match = _BLOCK_RE.match(span.name)
+        kind, suffix = (match[2], match[3]) if match else span.name.rpartition(".")[::2]
+        if suffix == "weight":
+            weights.append((span.name, kind, span.dims[::-1]))  # GGUF lists dimensions innermost first
+    check_shapes(path, config, weights)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = min(config.vocab_size, len(tokens)) if tokens else config.vocab_size
+    check_token_ids(path, {f"tokenizer.ggml.{name}_token_id": meta.get(f"tokenizer.ggml.{name}_token_id")
+                           for name in ("bos", "eos", "padding")}, vocab)
+    if registry.family(config.architecture).gguf_qk_interleaved and config.head_dim % 2:
+        raise ModelLoadError(path, f"head_dim is {config.head_dim}; rotary embeddings need an even head_dim")
+
+
 def load_gguf(path: Path) -> Checkpoint:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from lmserve.loader.gguf_metadata import read_gguf_metadata
+    from lmserve.loader.gguf_metadata import check_metadata_types, read_gguf_metadata
     from lmserve.tokenizer import Tokenizer
 
+    spans = check_gguf_layout(path)
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # the gguf package raises assorted errors on bad input
         raise ModelLoadError(path, f"corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
     meta = read_gguf_metadata(reader)
+    check_metadata_types(meta, path)
     types = Counter(t.tensor_type.name for t in reader.tensors)
     unsupported = sorted(set(types) - SUPPORTED_TYPES)
     if unsupported:
@@ -158,8 +188,9 @@ def load_gguf(path: Path) -> Checkpoint:
         raise ModelLoadError(path, str(exc)) from None
     except InvalidParameterError as exc:
         raise ModelLoadError(path, f"invalid hyper-parameter in GGUF metadata: {exc}") from None
+    _check_against_tensors(config, meta, spans, path)
     if "rope_factors_long.weight" in names:
-        config = dataclasses.replace(config, rope_scaling=_longrope_scaling(reader, meta, config))
+        config = dataclasses.replace(config, rope_scaling=_longrope_scaling(reader, meta, config, path))
     rope_heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads} if family.gguf_qk_interleaved else {}
 
     def iter_tensors(keep_packed: bool = False):

@@ -132,8 +132,10 @@ class _Source:
 
 
 def _gguf_source(path: Path) -> _Source:
+    from lmserve.loader.gguf_layout import check_gguf_layout
     from lmserve.loader.gguf_metadata import read_gguf_metadata
 
+    check_gguf_layout(path)  # counts, offsets and sizes inside the file before the reader trusts them
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # the gguf package raises assorted errors on bad input

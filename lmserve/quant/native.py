@@ -9,25 +9,49 @@ ones included). Whether this CPU has it is read from CPUID at run time (through 
 cpuinfo), never assumed from the build machine. Where AVX2 is missing, the build fails, or
 `LMSERVE_NATIVE=0` is set, `load()` returns None and the packed layers fall back to PyTorch's
 int4 kernel (and our own `GroupWeight` dequantization for many rows).
+
+Each build is named by a short hash of what it is made from (the contents of `csrc/`, the
+compile flags, the PyTorch version and the interpreter), so checkouts and virtualenvs that
+differ build once each into their own directory and those that agree share one build; a
+finished build (its `inputs.json` written) is imported without running the builder again. A
+process holds an exclusive `flock` on the build directory while it builds or loads there, which
+the OS releases if the process dies: so a `lock` file that PyTorch's builder left behind from a
+build that was killed is known stale whenever that lock is ours, and is removed with a warning
+instead of making every later load wait forever. A build in progress says on stderr what it
+builds, why and for about how long.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
 import logging
 import os
+import sys
 import time
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger("lmserve")
-_SOURCES = sorted(str(p) for p in (Path(__file__).parent / "csrc").glob("*.cpp"))
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = sorted(str(p) for p in _CSRC.glob("*.cpp"))
 DISABLE_ENV = "LMSERVE_NATIVE"  # "0" turns the extension off (the PyTorch fallbacks run instead)
 TARGET_ISA = "AVX2+FMA+F16C"  # what every kernel in csrc/ is compiled for
 _TARGET_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+_CFLAGS = ["-O3", "-std=c++20", *_TARGET_FLAGS, "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 KERNELS = ("block matmul and dequantize (4-bit and int8 groups)", "fused Llama decode step",
            "sampler row argmax / log-sum-exp")
+BUILD_NAME = "lmserve_block_matmul"  # each build is BUILD_NAME_<key>, in a directory of that name
+TORCH_LOCK = "lock"  # the file PyTorch's builder holds for the length of a build
+_HOLDER_LOCK = "lmserve.lock"  # the file lmserve processes flock while building or loading
+_INPUTS = "inputs.json"  # written once a build has finished: what it was built from
 
 
 def cpu_features() -> dict[str, bool]:
@@ -40,6 +64,83 @@ def describe_cpu() -> str:
     """One line for logs and benchmark reports: which vector extensions this CPU has."""
     features = cpu_features()
     return ", ".join(f"{name} {'yes' if present else 'no'}" for name, present in features.items())
+
+
+def build_inputs(files: Iterable[Path], flags: Iterable[str], torch_version: str = torch.__version__,
+                 python: str = f"{sys.executable} {sys.version}") -> dict:
+    """What a build is made from: each file's content hash, the compile and link flags, the
+    PyTorch version and the interpreter."""
+    return {"sources": {Path(f).name: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in sorted(files)},
+            "flags": list(flags), "torch": torch_version, "python": python}
+
+
+def build_key(inputs: dict) -> str:
+    """A short hash naming the build of `inputs` (see `build_inputs`)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold `build_dir`'s lmserve lock while building or loading there (waiting, with a note on
+    stderr, while another process holds it). The OS drops the lock of a process that dies, and
+    every live builder holds it; so a PyTorch `lock` file found once it is ours was left by an
+    interrupted build, and would block PyTorch's builder forever: it is removed with a warning."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / _HOLDER_LOCK, "a") as holder:
+        try:
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"lmserve: waiting for another process building the native kernels in {build_dir}",
+                  file=sys.stderr)
+            fcntl.flock(holder, fcntl.LOCK_EX)
+        stale = build_dir / TORCH_LOCK
+        if stale.exists():
+            logger.warning("removing %s, left by a native-kernel build that was interrupted", stale)
+            stale.unlink(missing_ok=True)
+        yield  # closing the file releases the lock
+
+
+def _why_build(build_dir: Path, inputs: dict) -> str:
+    """Why `build_dir` has no finished build: nothing built before, or what differs from the
+    latest earlier build."""
+    earlier = sorted((p for p in build_dir.parent.glob(f"{BUILD_NAME}_*/{_INPUTS}") if p.parent != build_dir),
+                     key=lambda p: p.stat().st_mtime)
+    if not earlier:
+        return "first use on this machine"
+    try:
+        previous = json.loads(earlier[-1].read_text())
+    except (OSError, ValueError):
+        previous = {}
+    changes = {"sources": "the sources changed", "flags": "the compile flags changed",
+               "torch": f"PyTorch {previous.get('torch')} -> {inputs['torch']}", "python": "another Python interpreter"}
+    return ", ".join(text for key, text in changes.items() if previous.get(key) != inputs[key]) or "a new build"
+
+
+def _import_built(name: str, build_dir: Path):
+    """The finished build in `build_dir`, imported the way PyTorch's builder imports it."""
+    from torch.utils.cpp_extension import LIB_EXT
+
+    spec = importlib.util.spec_from_file_location(name, build_dir / f"{name}{LIB_EXT}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build_or_import():
+    from torch.utils import cpp_extension
+
+    inputs = build_inputs([*_CSRC.glob("*.cpp"), *_CSRC.glob("*.h")], [*_CFLAGS, *_LDFLAGS])
+    name = f"{BUILD_NAME}_{build_key(inputs)}"
+    build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+    with build_lock(build_dir):
+        if (build_dir / _INPUTS).exists():
+            return _import_built(name, build_dir)
+        print(f"lmserve: compiling the native CPU kernels for {TARGET_ISA} into {build_dir} "
+              f"({_why_build(build_dir, inputs)}); this takes about a minute, once", file=sys.stderr)
+        module = cpp_extension.load(name=name, sources=_SOURCES, extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+                                    build_directory=str(build_dir), verbose=False)
+        (build_dir / _INPUTS).write_text(json.dumps(inputs, indent=1))
+        return module
 
 
 @cache
@@ -55,15 +156,11 @@ def load():
     if not cpu_features()["AVX2"]:
         logger.info("no AVX2 on this CPU: quantized layers use PyTorch's int4 kernel")
         return None
-    from torch.utils import cpp_extension
-
     start = time.perf_counter()
     logger.info("loading the native kernels (compiled on first use, ~1 min)...")
     try:
-        module = cpp_extension.load(name="lmserve_block_matmul", sources=_SOURCES,
-                                    extra_cflags=["-O3", "-std=c++20", *_TARGET_FLAGS, "-fopenmp"],
-                                    extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as exc:  # no compiler or ninja: the PyTorch kernel path still works
+        module = _build_or_import()
+    except Exception as exc:  # no compiler or ninja, an unwritable cache: the PyTorch kernel path still works
         logger.warning("could not build the native kernels (%s); using PyTorch's int4 kernel",
                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
