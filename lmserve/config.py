@@ -156,21 +156,24 @@ class SpeculativeConfig:
     """Speculative decoding: a proposer guesses `num_speculative_tokens` tokens per running
     sequence and the model verifies them in the same step. "ngram": prompt lookup, the tokens
     that followed the latest earlier occurrence of the sequence's last `ngram_max` (down to
-    `ngram_min`) tokens. Off for a step with more than `max_batch_size` running sequences, where
-    the extra verification rows cost more than the accepted tokens save."""
+    `ngram_min`) tokens. A step verifies at most `max_verify_rows` rows (running sequences x
+    (1 + proposals)): with more running sequences each gets fewer proposals, and none once one
+    each would not fit. The default is the block kernel's row limit (KERNEL_MAX_ROWS): past it a
+    matmul dequantizes its weight instead, and verification rows stop being nearly free (measured
+    in benchmarks/bench_speculative.py: 2x at batch 1, a loss at 8 sequences x 7 rows)."""
 
     method: str = "ngram"
-    num_speculative_tokens: int = 3
+    num_speculative_tokens: int = 4
     ngram_max: int = 4
     ngram_min: int = 2
-    max_batch_size: int = 4
+    max_verify_rows: int = 32
 
     def __post_init__(self):
         if self.method not in SPECULATIVE_METHODS:
             raise InvalidParameterError("speculative.method", f"must be one of {', '.join(SPECULATIVE_METHODS)}; "
                                                               f"got {self.method!r}")
         for name, low, high in (("num_speculative_tokens", 1, 16), ("ngram_min", 1, 64), ("ngram_max", 1, 64),
-                                ("max_batch_size", 1, 1 << 20)):
+                                ("max_verify_rows", 2, 1 << 20)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise InvalidParameterError(f"speculative.{name}", f"must be an integer in [{low}, {high}], "

@@ -12,7 +12,7 @@ from lmserve import LLM, SamplingParams
 from lmserve.engine.speculative import NgramProposer
 from lmserve.errors import InvalidParameterError
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "ngram_max": 3, "ngram_min": 1, "max_batch_size": 16}
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "ngram_max": 3, "ngram_min": 1, "max_verify_rows": 128}
 # token-id prompts with repeated stretches, so that lookups find continuations
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9], [40, 41, 42, 40, 41, 42, 40, 41], list(range(60, 90)) * 2,
            [100, 101, 102, 103]]
@@ -111,7 +111,7 @@ def _target(logits: torch.Tensor, temperature: float, top_k: int) -> np.ndarray:
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 5)])
 def test_sampled_tokens_follow_the_target_distribution(context_free_model, temperature, top_k):
     directory, logits = context_free_model
-    llm = LLM(str(directory), dtype="float32", speculative={**NGRAM, "max_batch_size": 64}, max_num_seqs=64)
+    llm = LLM(str(directory), dtype="float32", speculative={**NGRAM, "max_verify_rows": 1024}, max_num_seqs=64)
     prompt = [3, 4, 5, 6, 3, 4, 5, 3, 4, 6, 5, 3, 4]
     params = [SamplingParams(max_tokens=24, temperature=temperature, top_k=top_k, seed=i, ignore_eos=True)
               for i in range(64)]

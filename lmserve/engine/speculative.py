@@ -78,25 +78,26 @@ class Speculator:
         self.max_model_len = max_model_len
         self.proposer = NgramProposer(config.ngram_min, config.ngram_max)
         self.stats = SpecStats()
-        logger.info("speculative decoding: %s, %d tokens per step, up to %d running sequences", config.method,
-                    config.num_speculative_tokens, config.max_batch_size)
+        logger.info("speculative decoding: %s, up to %d proposals per sequence and %d verification rows per step",
+                    config.method, config.num_speculative_tokens, config.max_verify_rows)
 
     def propose(self, running: list[Sequence]) -> None:
         """Fill `spec_token_ids` of the running sequences that may speculate this step."""
         start = time.perf_counter()
-        speculate = len(running) <= self.config.max_batch_size
+        per_seq = min(self.config.num_speculative_tokens, self.config.max_verify_rows // max(1, len(running)) - 1)
         for seq in running:
-            room = self._room(seq) if speculate else 0
+            room = self._room(seq, per_seq)
             seq.spec_token_ids = self.proposer.propose(seq.token_ids, room) if room > 0 else []
         self.stats.proposer_seconds += time.perf_counter() - start
 
-    def _room(self, seq: Sequence) -> int:
-        """How many proposals `seq` may take: 0 unless it is decoding and opted in; never past
-        max_tokens or the context limit (the step also adds one token of its own)."""
+    def _room(self, seq: Sequence, limit: int) -> int:
+        """How many proposals `seq` may take, at most `limit`: 0 unless it is decoding and opted
+        in; never past max_tokens or the context limit (the step also adds one token of its own)."""
         params = seq.params
-        if not params.speculative or seq.request.beam is not None or seq.num_tokens - seq.num_computed_tokens != 1:
+        if limit <= 0 or not params.speculative or seq.request.beam is not None \
+                or seq.num_tokens - seq.num_computed_tokens != 1:
             return 0
-        room = min(self.config.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1)
+        room = min(limit, self.max_model_len - seq.num_tokens - 1)
         if params.max_tokens is not None:
             room = min(room, params.max_tokens - seq.num_output_tokens - 1)
         return room
