@@ -4,18 +4,20 @@
 `tokenizer.ggml.*` metadata of a GGUF file (byte-level BPE or SentencePiece-style vocabularies)
 or from the `tokenizer.json` of a Hugging Face model directory. It also knows the model's
 special ids (BOS, EOS, the end-of-turn tokens that stop generation) and renders its chat
-template in a Jinja sandbox.
+template in a Jinja sandbox, within a time limit and a size limit on what the template builds.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
+import time
 from datetime import datetime
 from pathlib import Path
 
 import tokenizers
 from jinja2.exceptions import SecurityError, TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from lmserve.errors import InvalidParameterError, LmserveError, ModelLoadError
@@ -42,6 +44,11 @@ _TYPE_NORMAL, _TYPE_UNKNOWN, _TYPE_CONTROL, _TYPE_USER_DEFINED, _TYPE_UNUSED, _T
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>")
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 SPIECE_SPACE = "\u2581"
+
+# A chat template is a program from the model file: one that loops (nearly) forever or builds a
+# huge string is stopped rather than allowed to stall or exhaust the process.
+CHAT_TEMPLATE_TIME_LIMIT = 1.0  # seconds per rendering
+CHAT_TEMPLATE_MAX_SIZE = 16 * 2**20  # characters of output; items of a string or list built with + or *
 
 
 class Tokenizer:
@@ -152,7 +159,9 @@ class Tokenizer:
     # ---- encoding -----------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL (encode holds it throughout), so a long text tokenized
+        # in a worker thread does not stall the server's event loop.
+        ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.add_bos_token:
             ids.insert(0, self.bos_token_id)
         if add_special_tokens and self.add_eos_token:
@@ -185,17 +194,21 @@ class Tokenizer:
         template = self._template()
         bos = self.backend.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
         eos = self.backend.id_to_token(self.eos_token_id) if self.eos_token_id is not None else ""
+        deadline = _render_deadline.set(time.monotonic() + CHAT_TEMPLATE_TIME_LIMIT)
         try:
             # tools/documents are None, not undefined, as transformers renders them, because
             # templates test `tools is not none`.
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   bos_token=bos or "", eos_token=eos or "", tools=None, documents=None)
+            parts = template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                      bos_token=bos or "", eos_token=eos or "", tools=None, documents=None)
+            return "".join(_bounded_output(parts))
         except SecurityError as exc:
             raise ChatTemplateError(f"chat template is unsafe and was refused: {exc}") from None
         except LmserveError:
             raise
         except Exception as exc:  # a template can fail in any way its expressions allow
             raise ChatTemplateError(f"chat template failed to render ({type(exc).__name__}: {exc})") from None
+        finally:
+            _render_deadline.reset(deadline)
 
     def _template(self):
         if self._compiled_template is None:
@@ -345,12 +358,83 @@ def validate_messages(messages) -> list[dict]:
     return [dict(message) for message in messages]
 
 
+_render_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("_render_deadline", default=None)
+
+
+def _check_deadline() -> None:
+    deadline = _render_deadline.get()
+    if deadline is not None and time.monotonic() > deadline:
+        raise ChatTemplateError(f"chat template ran longer than {CHAT_TEMPLATE_TIME_LIMIT:g} s and was stopped")
+
+
+def _check_size(size: int) -> None:
+    if size > CHAT_TEMPLATE_MAX_SIZE:
+        raise ChatTemplateError(f"chat template builds {size:,} characters or items, over the limit of "
+                                f"{CHAT_TEMPLATE_MAX_SIZE:,}")
+
+
+def _bounded_output(parts):
+    size = 0
+    for part in parts:
+        size += len(part)
+        _check_size(size)
+        _check_deadline()
+        yield part
+
+
+class _TimedRange:
+    """The templates' `range`: at most MAX_RANGE items (jinja's `safe_range`), and iterating it
+    checks the rendering's deadline, so nested loops cannot run for hours."""
+
+    def __init__(self, *args):
+        self.values = safe_range(*args)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index):
+        return self.values[index]
+
+    def __iter__(self):
+        for value in self.values:
+            _check_deadline()
+            yield value
+
+
 class _ChatSandbox(ImmutableSandboxedEnvironment):
     """The stock sandbox hands back a silent Undefined for a forbidden attribute, which prints
-    as ''; refuse outright so a probing template fails loudly instead of half-rendering."""
+    as ''; refuse outright so a probing template fails loudly instead of half-rendering. Calls,
+    lookups, `+` and `*` check the rendering's deadline, and `+` / `*` refuse to build a string or
+    list over the size limit (intercepting them also stops jinja folding `'x' * 3000000000` at
+    compile time)."""
+
+    intercepted_binops = frozenset({"+", "*"})
 
     def unsafe_undefined(self, obj, attribute):
         raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe")
+
+    def call_binop(self, context, operator, left, right):
+        _check_deadline()
+        sized = (str, list, tuple)
+        if operator == "+" and isinstance(left, sized) and isinstance(right, sized):
+            _check_size(len(left) + len(right))
+        elif operator == "*":
+            for sequence, count in ((left, right), (right, left)):
+                if isinstance(sequence, sized) and isinstance(count, int):
+                    _check_size(len(sequence) * count)
+        return super().call_binop(context, operator, left, right)
+
+    def call(self, context, obj, /, *args, **kwargs):
+        _check_deadline()
+        return super().call(context, obj, *args, **kwargs)
+
+    def getattr(self, obj, attribute):
+        _check_deadline()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        _check_deadline()
+        return super().getitem(obj, argument)
 
 
 def _raise_exception(message):
@@ -371,4 +455,5 @@ def _chat_environment() -> ImmutableSandboxedEnvironment:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["range"] = _TimedRange
     return env

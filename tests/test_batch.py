@@ -48,3 +48,14 @@ def test_batch_results_errors_and_resume(llm, tmp_path):
     assert run_batch(llm, source, resumed, chunk_size=2, use_tqdm=False) == 5
     assert resumed.read_text() == full.read_text()
     assert run_batch(llm, source, resumed, use_tqdm=False) == 0
+
+
+def test_line_separators_inside_json_strings_do_not_split_lines(llm, tmp_path):
+    """U+2028, U+2029 and U+0085 may stand raw inside a JSON string: lines end at LF (or CRLF) only."""
+    items = [{"id": "a", "prompt": "one\u2028two\u0085three\u2029four", "max_tokens": 2, "temperature": 0},
+             {"id": "b", "prompt": "five", "max_tokens": 2, "temperature": 0}]
+    source, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_bytes("".join(json.dumps(i, ensure_ascii=False) + "\r\n" for i in items).encode())
+    assert run_batch(llm, source, results, use_tqdm=False) == 2
+    rows = [json.loads(line) for line in results.read_text(encoding="utf-8").split("\n")[:-1]]
+    assert [(r["id"], "error" in r) for r in rows] == [("a", False), ("b", False)]

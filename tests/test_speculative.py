@@ -159,3 +159,25 @@ def test_smollm2_repeating_a_paragraph_accepts_most_proposals(smollm2_path):
     spec = spec_llm.chat(chat, params, use_tqdm=False)[0].outputs[0]
     assert spec.token_ids == plain.token_ids
     assert spec_llm.engine.stats().spec.acceptance_rate > 0.5
+
+
+def test_server_honours_the_opt_out_and_reports_acceptance(smollm2_path):
+    """A real server with speculation on: the `speculative` request field (false opts out) and the
+    /metrics gauges, through the official openai client."""
+    import openai
+    import httpx
+
+    from lmserve.server import build_app
+    from tests.test_server import running
+
+    app = build_app({"model": str(smollm2_path), "kv_cache_memory": "32MiB", "speculative": NGRAM}, "m")
+    with running(app) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
+        prompt = "Repeat exactly: one two three four five, one two three four five, one two three"
+        answers = [client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0,
+                                             extra_body={"speculative": opt}).choices[0].text for opt in (False, True)]
+        assert answers[0] == answers[1]
+        metrics = httpx.get(f"{base}/metrics").text
+    rate = float(next(line.split()[-1] for line in metrics.splitlines()
+                      if line.startswith("lmserve_spec_decode_acceptance_rate ")))
+    assert 0 < rate <= 1

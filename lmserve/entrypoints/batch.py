@@ -34,6 +34,13 @@ def count_completed_lines(output: Path) -> int:
     return complete.count(b"\n")
 
 
+def _jsonl_lines(text: str) -> list[str]:
+    """Lines end at \\n only (\\r\\n is read as \\n): `str.splitlines` would also break at U+2028,
+    U+0085 and other characters that JSON strings may hold raw."""
+    lines = text.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
 def _parse_line(llm, line: str) -> tuple[str | list[int], SamplingParams]:
     try:
         item = json.loads(line)
@@ -96,7 +103,7 @@ def run_batch(llm, input_path: str | os.PathLike, output_path: str | os.PathLike
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise InvalidParameterError("input", f"{input_path}: no such file")
-    lines = input_path.read_text(encoding="utf-8").splitlines()
+    lines = _jsonl_lines(input_path.read_text(encoding="utf-8"))
     done = count_completed_lines(output_path)
     if done > len(lines):
         raise InvalidParameterError("output", f"{output_path} has {done} lines but {input_path} only {len(lines)}")

@@ -10,8 +10,8 @@ import argparse
 import logging
 import sys
 
-from lmserve.config import DEFAULT_MAX_WAITING, DEFAULT_REQUEST_TIMEOUT
-from lmserve.errors import LmserveError
+from lmserve.config import DEFAULT_MAX_WAITING, DEFAULT_REQUEST_TIMEOUT, SPECULATIVE_METHODS
+from lmserve.errors import InvalidParameterError, LmserveError
 from lmserve.loadtest.serve import add_parser as add_bench_parser
 from lmserve.loadtest.serve import cmd_bench
 
@@ -33,6 +33,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "depend on what it is batched with (slower decode)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps through the PyTorch modules instead of the fused native decoder")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show start-up logs (also accepted before the command)")
+    p.add_argument("--speculative-method", default=None, choices=SPECULATIVE_METHODS,
+                   help="speculative decoding: ngram (prompt lookup) proposes tokens the model verifies in one step")
+    p.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="tokens proposed per step with --speculative-method (default 3)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -70,12 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, local only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every route but GET /health")
+    serve.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     serve.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
     serve.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                        help="queued requests beyond which new ones get 429")
     serve.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
                        help="seconds after which a request is aborted")
+    serve.add_argument("--max-body-size", default=None,
+                       help="largest request body, e.g. 8MiB (default 4MiB); larger ones get 413")
 
     batch = sub.add_parser("batch", help="run a JSONL file of prompts; resumes an interrupted job")
     batch.add_argument("input", help="JSONL: {\"prompt\" | \"messages\", sampling fields, \"id\"} per line")
@@ -123,7 +133,18 @@ def _llm(args):
     return LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
                max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-               deterministic=args.deterministic, enforce_eager=args.enforce_eager)
+               deterministic=args.deterministic, enforce_eager=args.enforce_eager, speculative=_speculative(args))
+
+
+def _speculative(args) -> dict | None:
+    if args.speculative_method is None:
+        if args.num_speculative_tokens is not None:
+            raise InvalidParameterError("num-speculative-tokens", "needs --speculative-method")
+        return None
+    options = {"method": args.speculative_method}
+    if args.num_speculative_tokens is not None:
+        options["num_speculative_tokens"] = args.num_speculative_tokens
+    return options
 
 
 def _params(args):
@@ -147,13 +168,17 @@ def _stream(llm, prompt, params) -> tuple[str, object]:
     return text, final
 
 
-def _print_stats(final) -> None:
+def _print_stats(final, llm) -> None:
     m = final.metrics
     tpot = m.time_per_output_token
     rate = f"{1 / tpot:.1f} tokens/s" if tpot else "n/a tokens/s"
+    spec = llm.engine.stats().spec
+    speculation = (f"; speculation: {spec.acceptance_rate:.0%} of {spec.num_proposed} proposals accepted, "
+                   f"{spec.mean_accepted:.2f} per verification, proposer {spec.proposer_seconds * 1000:.0f} ms"
+                   if spec is not None else "")
     print(f"[{m.num_prompt_tokens} prompt tokens, {m.num_output_tokens} generated; "
           f"TTFT {m.time_to_first_token * 1000:.0f} ms; decode {rate}; "
-          f"finish: {final.outputs[0].finish_reason}]", file=sys.stderr)
+          f"finish: {final.outputs[0].finish_reason}{speculation}]", file=sys.stderr)
 
 
 def cmd_generate(args) -> None:
@@ -164,7 +189,7 @@ def cmd_generate(args) -> None:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt = llm.apply_chat_template(messages + [{"role": "user", "content": prompt}])
     _, final = _stream(llm, prompt, params)
-    _print_stats(final)
+    _print_stats(final, llm)
 
 
 def cmd_chat(args) -> None:
@@ -218,7 +243,8 @@ def cmd_serve(args) -> None:
 
     llm = _llm(args)
     app = build_app(llm.engine, args.served_model_name or args.model or DEFAULT_MODEL, api_key=args.api_key,
-                    max_waiting=args.max_waiting, request_timeout=args.request_timeout)
+                    max_waiting=args.max_waiting, request_timeout=args.request_timeout,
+                    metrics_public=args.metrics_public, max_body_size=args.max_body_size)
     serve(app, host=args.host, port=args.port)
 
 

@@ -2,14 +2,19 @@
 
 `build_app` wraps an engine in an `AsyncEngine` and serves `/v1/completions`,
 `/v1/chat/completions` (both optionally streamed as server-sent events), `/v1/models`,
-`/tokenize`, `/detokenize`, `/health` and `/metrics`. Every user error becomes an OpenAI error
-body with a 4xx status; a full waiting queue answers 429 with Retry-After. `serve` runs the app
-under uvicorn and, on SIGTERM/SIGINT, aborts the requests in flight before uvicorn drains.
+`/tokenize`, `/detokenize`, `/health` and `/metrics`. Before any body is read, a middleware checks
+the API key (every route but `GET /health`) and the body size (413). Every user error becomes an
+OpenAI error body with a 4xx status, and an unexpected exception a 500 one, the connection
+staying usable; a full waiting queue answers 429 with Retry-After. Tokenizing, chat templates
+and detokenizing run in worker threads, so the event loop keeps answering. `serve` runs the app
+under uvicorn and, on SIGTERM/SIGINT, aborts the requests in flight (their streams end with
+finish_reason "abort") before uvicorn drains.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -19,17 +24,18 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmserve.config import DEFAULT_MAX_WAITING, DEFAULT_REQUEST_TIMEOUT
+from lmserve.config import DEFAULT_MAX_WAITING, DEFAULT_REQUEST_TIMEOUT, parse_bytes
 from lmserve.engine.factory import create_engine
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.errors import ContextLengthError, InvalidParameterError, LmserveError
 from lmserve.outputs import CompletionOutput, RequestOutput
-from lmserve.sampling_params import SamplingParams
+from lmserve.sampling_params import BeamSearchParams, SamplingParams
 from lmserve.server import protocol as proto
 from lmserve.server.async_engine import (AsyncEngine, EngineStepError, EngineUnavailableError,
                                          RequestTimeoutError)
@@ -38,6 +44,7 @@ from lmserve.server.metrics import ServerMetrics
 logger = logging.getLogger("lmserve.server")
 
 RETRY_AFTER_SECONDS = 1
+DEFAULT_MAX_BODY_SIZE = 4 * 2**20
 
 
 class ApiError(Exception):
@@ -49,9 +56,13 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(proto.error_body(self.message, self.type, self.param, self.code), self.status,
-                            headers=self.headers)
+    def body(self) -> str:
+        """The OpenAI error body as ASCII JSON, so that quoting a client's malformed text (a lone
+        surrogate) cannot make the error itself fail to encode."""
+        return json.dumps(proto.error_body(self.message, self.type, self.param, self.code))
+
+    def response(self) -> Response:
+        return Response(self.body(), self.status, headers=self.headers, media_type="application/json")
 
     @classmethod
     def of(cls, exc: BaseException, prompt_param: str = "prompt") -> ApiError:
@@ -94,6 +105,73 @@ class _CountStatus:
         await self.app(scope, receive, counting_send)
 
 
+class _Guard:
+    """ASGI middleware in front of the routes, before any body is read: the API key (every route
+    but GET /health, and /metrics unless it is public), the body-size limit (a declared
+    Content-Length refused at once, a chunked body counted as it arrives) and, last, any
+    unexpected exception: an OpenAI 500 body instead of a re-raise that would close the connection."""
+
+    def __init__(self, app, api_key: str | None, metrics_public: bool, max_body_size: int):
+        self.app, self.api_key, self.metrics_public, self.max_body_size = app, api_key, metrics_public, max_body_size
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            headers = Headers(scope=scope)
+            self._check_key(scope, headers)
+            length = headers.get("content-length")
+            if length is None:
+                receive = await self._read_body(receive)
+            elif int(length) > self.max_body_size:
+                raise self._too_large()
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:  # too late for an error status; uvicorn closes an unfinished response
+                logger.error("error after the response started", exc_info=exc)
+                return
+            await ApiError.of(exc).response()(scope, receive, send)
+
+    def _check_key(self, scope, headers: Headers) -> None:
+        path = scope["path"]
+        if (self.api_key is None or (path == "/health" and scope["method"] == "GET")
+                or (path == "/metrics" and self.metrics_public)):
+            return
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"the request body exceeds the limit of {self.max_body_size} bytes",
+                        code="request_too_large")
+
+    async def _read_body(self, receive):
+        """Read a body of undeclared length up to the limit; a `receive` that replays it first."""
+        messages, size = collections.deque(), 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_body_size:
+                raise self._too_large()
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.popleft() if messages else await receive()
+        return replay
+
+
 class _Server:
     """Per-app state shared by the route handlers."""
 
@@ -103,6 +181,7 @@ class _Server:
         self.max_waiting, self.request_timeout = max_waiting, request_timeout
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
+        self.max_num_seqs = engine.engine.config.max_num_seqs
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -114,11 +193,28 @@ class _Server:
             raise ApiError(400, "this model has no tokenizer; send token ids", param=param)
         return self.tokenizer
 
+    def check_fits(self, num_prompts: int, params: SamplingParams | BeamSearchParams, prompt_param: str) -> None:
+        """400 for a request that no amount of waiting would let in: more prompts than may wait
+        or run at once, or more sequences per prompt than the engine runs at once."""
+        if num_prompts > 1 and num_prompts > self.max_waiting:
+            raise ApiError(400, f"{num_prompts} prompts in one request exceed the limit of {self.max_waiting} "
+                                f"waiting requests (--max-waiting)", param=prompt_param)
+        if num_prompts > self.max_num_seqs:
+            raise ApiError(400, f"{num_prompts} prompts in one request exceed the engine's max_num_seqs "
+                                f"({self.max_num_seqs})", param=prompt_param)
+        best_of = getattr(params, "best_of", None)
+        field, width = ("best_of", best_of) if best_of else ("n", params.n)
+        if width > self.max_num_seqs:
+            raise ApiError(400, f"{field}: {width} sequences per prompt exceed the engine's max_num_seqs "
+                                f"({self.max_num_seqs})", param=field)
+
     def admit(self, num_requests: int) -> None:
+        """Reserve waiting places for `num_requests` engine requests, checked and counted in one
+        step (before any await, so a burst cannot overshoot max_waiting)."""
         if not self.engine.is_alive:
             raise ApiError(503, "the server is shutting down", "service_unavailable_error")
-        if self.engine.num_waiting + num_requests > self.max_waiting:
-            raise ApiError(429, f"the server is busy: more than {self.max_waiting} requests are waiting; "
+        if not self.engine.reserve(num_requests, self.max_waiting):
+            raise ApiError(429, f"the server is busy: its queue of {self.max_waiting} waiting requests is full; "
                                 f"retry later", "rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
@@ -134,26 +230,35 @@ class _Server:
             return self.tokenizer.encode(prompt)
         return prompt
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams, request_id: str,
-                 prompt_param: str) -> _Generation:
-        self.admit(len(prompts))
+    async def generate(self, num_prompts: int, make_prompts: Callable[[], list[str | list[int]]],
+                       params: SamplingParams | BeamSearchParams, request_id: str, prompt_param: str) -> _Generation:
+        """Admit `num_prompts` engine requests, then build (`make_prompts`: chat templates) and
+        tokenize the prompts in a worker thread and submit them."""
+        self.check_fits(num_prompts, params, prompt_param)
+        self.admit(num_prompts)
         try:
-            token_ids = [self.token_ids(prompt) for prompt in prompts]
-        except LmserveError as exc:
-            raise ApiError.of(exc, prompt_param) from None
+            token_ids = await asyncio.to_thread(lambda: [self.token_ids(prompt) for prompt in make_prompts()])
+        except BaseException as exc:
+            self.engine.release(num_prompts)
+            if isinstance(exc, LmserveError):
+                raise ApiError.of(exc, prompt_param) from None
+            raise
         return _Generation(self, token_ids, params, request_id)
 
 
 class _Generation:
-    """The engine requests behind one HTTP request (one per prompt), merged into one stream of
-    `(prompt index, output)` with metrics; leaving early aborts them all."""
+    """The engine requests behind one HTTP request (one per prompt, submitted on their admitted
+    places), merged into one stream of `(prompt index, output)` with metrics; leaving early, or
+    `close` on any way out, aborts the unfinished ones."""
 
-    def __init__(self, server: _Server, prompts, params: SamplingParams, request_id: str):
+    def __init__(self, server: _Server, prompts, params: SamplingParams | BeamSearchParams, request_id: str):
         self.server, self.params = server, params
-        self.gens = [server.engine.generate(prompt, params, f"{request_id}-{i}", server.request_timeout)
-                     for i, prompt in enumerate(prompts)]
+        self.request_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        self.gens = [server.engine.generate(prompt, params, rid, server.request_timeout, reserved=True)
+                     for prompt, rid in zip(prompts, self.request_ids)]
         self.timers = [server.metrics.timer() for _ in prompts]
         self.last: dict[int, RequestOutput] = {}
+        self.closed = False
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         queue: asyncio.Queue = asyncio.Queue()
@@ -183,9 +288,17 @@ class _Generation:
         finally:
             for task in tasks:
                 task.cancel()
-            for i, timer in enumerate(self.timers):
-                if not (i in self.last and self.last[i].finished):
-                    timer.fail(self.params.n)
+            self.close()
+
+    def close(self) -> None:
+        """Abort the requests that have not finished and count them as failed (once)."""
+        if self.closed:
+            return
+        self.closed = True
+        for i, (request_id, timer) in enumerate(zip(self.request_ids, self.timers)):
+            if not (i in self.last and self.last[i].finished):
+                self.server.engine.abort(request_id)
+                timer.fail(self.params.n)
 
     def usage(self) -> proto.Usage:
         prompt = sum(len(o.prompt_token_ids) for o in self.last.values())
@@ -238,26 +351,29 @@ class _ChoiceState:
 async def _stream_events(items: AsyncIterator, first: tuple[int, RequestOutput], render_events,
                          finish_abort, usage_event) -> AsyncIterator[str]:
     """Common SSE loop: events for `first` and each later output, the final usage event, [DONE].
-    A timeout ends unfinished choices with finish_reason "abort"; other errors become an error event."""
+    A timeout or a shutdown ends unfinished choices with finish_reason "abort" (then the usage
+    event; a shutdown adds an error event saying so); other errors become an error event."""
+    shutdown = None
     try:
         item = first
         while item is not None:
             for event in render_events(*item):
                 yield event
             item = await anext(items, None)
-    except RequestTimeoutError:
+    except (RequestTimeoutError, EngineUnavailableError) as exc:
         for event in finish_abort():
             yield event
+        shutdown = exc if isinstance(exc, EngineUnavailableError) else None
     except Exception as exc:
-        error = ApiError.of(exc)
-        yield _sse(json.dumps(proto.error_body(error.message, error.type, error.param, error.code),
-                              ensure_ascii=False))
+        yield _sse(ApiError.of(exc).body())
         yield "data: [DONE]\n\n"
         return
     finally:
         await items.aclose()
     if usage_event is not None:
         yield usage_event()
+    if shutdown is not None:
+        yield _sse(ApiError.of(shutdown).body())
     yield "data: [DONE]\n\n"
 
 
@@ -269,6 +385,7 @@ async def _start(request: Request, gen: _Generation, prompt_param: str):
         first = await _unless_disconnected(request, anext(items))
     except Exception as exc:
         await items.aclose()
+        gen.close()
         raise ApiError.of(exc, prompt_param) from None
     return items, first
 
@@ -281,6 +398,8 @@ async def _run_to_end(request: Request, gen: _Generation, prompt_param: str) -> 
         await _unless_disconnected(request, collect())
     except Exception as exc:
         raise ApiError.of(exc, prompt_param) from None
+    finally:
+        gen.close()
 
 
 # ---- completions --------------------------------------------------------------------------------
@@ -290,7 +409,7 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
     params = body.sampling_params()
     prompts = body.prompts()
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    gen = server.generate(prompts, params, request_id, "prompt")
+    gen = await server.generate(len(prompts), lambda: prompts, params, request_id, "prompt")
     n = params.n
     states: dict[int, _ChoiceState] = {}
 
@@ -365,10 +484,11 @@ async def _chat(server: _Server, body: proto.ChatCompletionRequest, request: Req
     server.check_model(body.model)
     params = body.sampling_params()
     tokenizer = server.require_tokenizer("messages")
-    prompt = tokenizer.apply_chat_template(body.message_dicts())
+    messages = body.message_dicts()
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     top_n = body.top_logprobs or 0
-    gen = server.generate([prompt], params, request_id, "messages")
+    gen = await server.generate(1, lambda: [tokenizer.apply_chat_template(messages)], params, request_id,
+                                "messages")
 
     def logprobs(choice: CompletionOutput, start: int):
         if choice.logprobs is None:
@@ -424,6 +544,14 @@ async def _chat(server: _Server, body: proto.ChatCompletionRequest, request: Req
 
 # ---- app ------------------------------------------------------------------------------------------
 
+def _tokens_response(tokens: list[int], **fields) -> Response:
+    """`{"tokens": [...], **fields}` as JSON, the list written a slice at a time: one json.dumps of a
+    million ids would hold the GIL, and so stall the event loop, for a fifth of a second."""
+    ids = ",".join(",".join(map(str, tokens[i:i + 16384])) for i in range(0, len(tokens), 16384))
+    rest = json.dumps(fields, separators=(",", ":"))[1:-1]
+    return Response(f'{{"tokens":[{ids}],{rest}}}', media_type="application/json")
+
+
 def _validation_error(exc: RequestValidationError) -> ApiError:
     errors = exc.errors()
     params = [e["loc"][1] for e in errors if len(e["loc"]) > 1 and isinstance(e["loc"][1], str)]
@@ -451,22 +579,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return ApiError(exc.status_code, str(exc.detail), type_, headers=exc.headers).response()
 
-    @app.exception_handler(Exception)
-    async def internal_error(_, exc: Exception):
-        return ApiError.of(exc).response()
-
-
-def _api_key_check(api_key: str | None) -> Callable:
-    async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    return check
-
 
 def _as_async_engine(engine: dict | LLMEngine | AsyncEngine) -> tuple[AsyncEngine, bool]:
     """The engine to serve and whether the app owns (started, and will stop) it."""
@@ -479,11 +591,14 @@ def _as_async_engine(engine: dict | LLMEngine | AsyncEngine) -> tuple[AsyncEngin
 
 def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, api_key: str | None = None,
               max_waiting: int = DEFAULT_MAX_WAITING,
-              request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT) -> FastAPI:
+              request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT, metrics_public: bool = False,
+              max_body_size: int | str | None = None) -> FastAPI:
     """An app serving `engine`: `create_engine` keyword arguments (the model is loaded now), an `LLMEngine`
-    (driven by a new thread) or a running `AsyncEngine` (shared; its owner stops it). Requests
-    beyond `max_waiting` queued ones get 429; a request running over `request_timeout` seconds
-    is aborted."""
+    (driven by a new thread) or a running `AsyncEngine` (shared; its owner stops it). With
+    `api_key`, every route but GET /health (and /metrics if `metrics_public`) requires it.
+    Requests beyond `max_waiting` queued ones get 429; a request running over `request_timeout`
+    seconds is aborted; a body over `max_body_size` bytes (e.g. "8MiB"; default 4 MiB) gets 413."""
+    body_limit = parse_bytes(DEFAULT_MAX_BODY_SIZE if max_body_size is None else max_body_size, "max_body_size")
     async_engine, owned = _as_async_engine(engine)
 
     @contextlib.asynccontextmanager
@@ -497,10 +612,11 @@ def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, ap
     server = _Server(async_engine, metrics, served_model_name, max_waiting, request_timeout)
     app.state.engine = async_engine
     app.state.metrics = metrics
-    app.add_middleware(_CountStatus, metrics=metrics)
+    app.add_middleware(_Guard, api_key=api_key, metrics_public=metrics_public, max_body_size=body_limit)
+    app.add_middleware(_CountStatus, metrics=metrics)  # outermost: counts the guard's 401 / 413 too
     _install_error_handlers(app)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))])
+    v1 = APIRouter(prefix="/v1")
 
     @v1.post("/completions")
     async def completions(body: proto.CompletionRequest, request: Request) -> Response:
@@ -528,27 +644,31 @@ def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, ap
         return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.post("/tokenize")
-    async def tokenize(body: proto.TokenizeRequest) -> dict:
+    async def tokenize(body: proto.TokenizeRequest) -> Response:
         server.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
         tokenizer = server.require_tokenizer("prompt" if body.messages is None else "messages")
-        if body.messages is not None:
-            text = tokenizer.apply_chat_template([m.as_dict() for m in body.messages], body.add_generation_prompt)
-        else:
-            text = body.prompt
-        tokens = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": server.max_model_len}
+
+        def run() -> Response:  # in a worker thread, the JSON of a long token list included
+            if body.messages is not None:
+                text = tokenizer.apply_chat_template([m.as_dict() for m in body.messages], body.add_generation_prompt)
+            else:
+                text = body.prompt
+            tokens = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+            return _tokens_response(tokens, count=len(tokens), max_model_len=server.max_model_len)
+
+        return await asyncio.to_thread(run)
 
     @app.post("/detokenize")
-    async def detokenize(body: proto.DetokenizeRequest) -> dict:
+    async def detokenize(body: proto.DetokenizeRequest) -> Response:
         server.check_model(body.model)
         tokenizer = server.require_tokenizer("tokens")
         vocab = async_engine.engine.model_config.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise ApiError(400, f"tokens: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
-        return {"prompt": tokenizer.decode(body.tokens)}
+        return JSONResponse({"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)})
 
     return app
 

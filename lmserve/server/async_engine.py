@@ -5,8 +5,10 @@ thread-safe queue and read each request's outputs from an `asyncio.Queue` that t
 with `loop.call_soon_threadsafe`. `add_request` validation errors travel back through a future,
 so a handler can answer 400 before streaming anything. The thread sleeps on the command queue
 while no request is unfinished. A failing `step()` fails the requests in flight, never the loop.
-After every command batch and step the thread publishes queue and KV-cache figures for metrics
-and admission control.
+After every command and step the thread publishes queue and KV-cache figures for metrics and
+admission control. `reserve` counts requests as waiting before the handler's first await, and a
+request leaves that count in the same locked step in which it enters the engine's own, so the
+waiting figure is never off and admission never overshoots its limit.
 """
 
 from __future__ import annotations
@@ -105,20 +107,56 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests not yet started: still in the command queue or in the scheduler's queue."""
-        return self._pending_adds + self.stats.num_waiting
+        """Requests not yet started: reserved, in the command queue or in the scheduler's queue."""
+        with self._pending_lock:
+            return self._pending_adds + self.stats.num_waiting
+
+    def reserve(self, count: int, limit: int) -> bool:
+        """Count `count` requests about to be submitted as waiting, unless that would take the
+        waiting count over `limit`; check and count are one step. Each reserved request is then
+        submitted with `generate(..., reserved=True)` or handed back with `release`."""
+        with self._pending_lock:
+            if self._pending_adds + self.stats.num_waiting + count > limit:
+                return False
+            self._pending_adds += count
+            return True
+
+    def release(self, count: int) -> None:
+        """Hand back reserved requests that will not be submitted."""
+        with self._pending_lock:
+            self._pending_adds -= count
 
     # ---- requests (event loop) --------------------------------------------------------------
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                       timeout: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs until it finishes. Raises `LmserveError` from validation,
+    def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                 timeout: float | None = None, reserved: bool = False) -> AsyncIterator[RequestOutput]:
+        """Submit the request now (`reserved`: already counted by `reserve`) and return its
+        outputs until it finishes. Iterating raises `LmserveError` from validation,
         `RequestTimeoutError` after `timeout` seconds, `EngineStepError` if a step failed.
-        Leaving early (cancellation, disconnect, error) aborts the request in the engine."""
-        if not self.is_alive:
-            raise EngineUnavailableError("the server is shutting down")
+        Leaving the iteration early (cancellation, disconnect, error) aborts the request in the
+        engine; so does `abort`, for outputs never iterated."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        stream = _Stream(loop)
+        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        if self.is_alive:
+            if not reserved:
+                with self._pending_lock:
+                    self._pending_adds += 1
+            self._commands.put(_Add(request_id, prompt, params, stream, accepted))
+        else:
+            if reserved:
+                self.release(1)
+            accepted.set_exception(EngineUnavailableError("the server is shutting down"))
+        return self._outputs(request_id, stream, accepted, timeout, deadline)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a submitted request (a no-op once it has finished)."""
+        self._commands.put(_Abort(request_id))
+
+    async def _outputs(self, request_id: str, stream: _Stream, accepted: concurrent.futures.Future,
+                       timeout: float | None, deadline: float | None) -> AsyncIterator[RequestOutput]:
+        loop = asyncio.get_running_loop()
 
         async def within_deadline(awaitable):
             remaining = None if deadline is None else deadline - loop.time()
@@ -127,11 +165,6 @@ class AsyncEngine:
             except asyncio.TimeoutError:
                 raise RequestTimeoutError(f"the request took longer than {timeout:g} s and was aborted") from None
 
-        stream = _Stream(loop)
-        accepted: concurrent.futures.Future = concurrent.futures.Future()
-        with self._pending_lock:
-            self._pending_adds += 1
-        self._commands.put(_Add(request_id, prompt, params, stream, accepted))
         finished = False
         try:
             await within_deadline(asyncio.wrap_future(accepted))
@@ -144,7 +177,7 @@ class AsyncEngine:
                 yield item
         finally:
             if not finished:
-                self._commands.put(_Abort(request_id))
+                self.abort(request_id)
 
     # ---- engine thread ----------------------------------------------------------------------
 
@@ -175,14 +208,13 @@ class AsyncEngine:
                 return False
             if isinstance(command, _Add):
                 self._add(command)
+                self._publish_stats(taken=1)
             else:
                 self.engine.abort_request(command.request_id)
                 self._streams.pop(command.request_id, None)
-            self._publish_stats()
+                self._publish_stats()
 
     def _add(self, command: _Add) -> None:
-        with self._pending_lock:
-            self._pending_adds -= 1
         if not command.accepted.set_running_or_notify_cancel():
             return  # the handler went away (cancelled or timed out) before the request was taken
         try:
@@ -224,5 +256,10 @@ class AsyncEngine:
             stream.push(error)
         self._streams.clear()
 
-    def _publish_stats(self) -> None:
-        self.stats = self.engine.stats()
+    def _publish_stats(self, taken: int = 0) -> None:
+        """Publish the engine's figures; `taken` add commands just handled leave the pending
+        count in the same locked step, so a request is counted as waiting exactly once."""
+        stats = self.engine.stats()
+        with self._pending_lock:
+            self.stats = stats
+            self._pending_adds -= taken

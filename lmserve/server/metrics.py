@@ -43,6 +43,13 @@ class ServerMetrics:
             .set_function(lambda: engine.stats.kv_cache_usage)
         Gauge("lmserve_prefix_cache_hit_rate", "Fraction of admitted prompt tokens found in the prefix cache "
               "since start", registry=registry).set_function(lambda: engine.stats.prefix_cache_hit_rate)
+        spec = lambda: engine.stats.spec  # noqa: E731  (None when speculative decoding is off)
+        Gauge("lmserve_spec_decode_acceptance_rate", "Fraction of speculative proposals accepted since start",
+              registry=registry).set_function(lambda: spec().acceptance_rate if spec() else 0.0)
+        Gauge("lmserve_spec_decode_mean_accepted_tokens", "Proposals accepted per verifying sequence-step since "
+              "start", registry=registry).set_function(lambda: spec().mean_accepted if spec() else 0.0)
+        Gauge("lmserve_spec_decode_proposer_seconds", "Time spent proposing tokens since start",
+              registry=registry).set_function(lambda: spec().proposer_seconds if spec() else 0.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,13 +1,13 @@
-"""The OpenAI wire format: request bodies (validated strictly), their `SamplingParams`, response
-and stream-chunk bodies, logprob blocks and the error body."""
+"""The OpenAI wire format: request bodies (validated strictly, their text as valid Unicode), their
+`SamplingParams`, response and stream-chunk bodies, logprob blocks and the error body."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from lmserve.errors import InvalidParameterError
 from lmserve.sampling_params import BeamSearchParams, SamplingParams
@@ -22,6 +22,19 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | i
 
 # ---- requests ---------------------------------------------------------------------------------
 
+def _unicode(text: str) -> str:
+    """JSON can carry a lone surrogate (\\udc80), which no tokenizer or UTF-8 encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"must be valid Unicode text: U+{ord(text[exc.start]):04X} at position {exc.start} "
+                         f"is a lone surrogate") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -31,16 +44,17 @@ class StreamOptions(_Request):
 
 
 class _SamplingRequest(_Request):
-    model: str | None = None
+    model: Text | None = None
     n: int = 1
+    best_of: int | None = None  # sample this many per prompt, return the n with the best cumulative logprob
     temperature: float = 1.0
     top_p: float = 1.0
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    logit_bias: dict[Text, float] | None = None
+    user: Text | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # extensions
@@ -51,28 +65,33 @@ class _SamplingRequest(_Request):
     truncate_prompt_tokens: int | None = None
     use_beam_search: bool = False  # the n choices are the n best beams
     length_penalty: float = 1.0  # beam search only
+    speculative: bool = True  # false: this request opts out of the server's speculative decoding
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams | BeamSearchParams:
-        if self.n > MAX_N:
-            raise InvalidParameterError("n", f"must be at most {MAX_N}, got {self.n}")
+        for field, value in (("n", self.n), ("best_of", self.best_of)):
+            if value is not None and value > MAX_N:
+                raise InvalidParameterError(field, f"must be at most {MAX_N}, got {value}")
         if self.use_beam_search:
+            if self.best_of is not None:
+                raise InvalidParameterError("best_of", "is not supported with use_beam_search (n beams are kept)")
             if max_tokens is None:
                 raise InvalidParameterError("max_tokens", "is required with use_beam_search")
             return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, length_penalty=self.length_penalty,
                                     ignore_eos=self.ignore_eos, temperature=self.temperature)
         return SamplingParams(
-            n=self.n, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos,
-            logprobs=logprobs, logit_bias=self.logit_bias, truncate_prompt_tokens=self.truncate_prompt_tokens)
+            n=self.n, best_of=self.best_of, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
+            stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs, logit_bias=self.logit_bias,
+            truncate_prompt_tokens=self.truncate_prompt_tokens, speculative=self.speculative)
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
@@ -93,13 +112,13 @@ class CompletionRequest(_SamplingRequest):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def as_dict(self) -> dict:
         content = self.content
@@ -128,15 +147,15 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class TokenizeRequest(_Request):
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]
 
 
