@@ -127,7 +127,7 @@ class LLMEngine:
         if logits is None:
             return []
         verifying = self.scheduler.update_from_output(scheduled)
-        first_rows = np.cumsum([0] + [1 + r.num_spec_tokens for r in verifying])[:-1].tolist()  # logits rows
+        first_rows = np.cumsum([0] + [r.num_logits for r in verifying])[:-1].tolist()  # logits rows
         touched: dict[str, Request] = {}
         beams = [i for i, r in enumerate(verifying) if r.seq.request.beam is not None]
         if beams:

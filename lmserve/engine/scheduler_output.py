@@ -34,11 +34,12 @@ class ScheduledSequence:
     seq: Sequence
     num_tokens: int  # tokens computed for this sequence in this step, its proposed ones included
     num_spec_tokens: int = 0  # of which speculative proposals (`seq.spec_token_ids`), verified this step
+    # True when this step reaches the sequence's last known token (and proposals), so a new token
+    # is sampled; fixed when the step is scheduled
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the sequence's last known token, so a new token is sampled."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens + self.num_spec_tokens
+    def __post_init__(self):
+        self.samples = self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens + self.num_spec_tokens
 
     @property
     def num_logits(self) -> int:
