@@ -195,18 +195,15 @@ def _hf_source(directory: Path) -> _Source:
 
     def write_metadata(writer):
         writer.add_name(cfg.name or directory.name)
-        writer.add_context_length(cfg.max_position_embeddings)
-        writer.add_embedding_length(cfg.hidden_size)
-        writer.add_feed_forward_length(cfg.intermediate_size)
-        writer.add_block_count(cfg.num_layers)
-        writer.add_head_count(cfg.num_heads)
-        writer.add_head_count_kv(cfg.num_kv_heads)
-        writer.add_key_length(cfg.head_dim)
-        writer.add_value_length(cfg.head_dim)
-        writer.add_rope_dimension_count(cfg.head_dim)
-        writer.add_rope_freq_base(cfg.rope_theta)
-        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        writer.add_vocab_size(cfg.vocab_size)
+        for add, value in ((writer.add_context_length, cfg.max_position_embeddings),
+                           (writer.add_embedding_length, cfg.hidden_size),
+                           (writer.add_feed_forward_length, cfg.intermediate_size),
+                           (writer.add_block_count, cfg.num_layers), (writer.add_head_count, cfg.num_heads),
+                           (writer.add_head_count_kv, cfg.num_kv_heads), (writer.add_key_length, cfg.head_dim),
+                           (writer.add_value_length, cfg.head_dim), (writer.add_rope_dimension_count, cfg.head_dim),
+                           (writer.add_rope_freq_base, cfg.rope_theta),
+                           (writer.add_layer_norm_rms_eps, cfg.rms_norm_eps), (writer.add_vocab_size, cfg.vocab_size)):
+            add(value)
         if cfg.sliding_window:
             writer.add_sliding_window(cfg.sliding_window)
         if scaling in ("linear", "yarn"):

@@ -192,11 +192,14 @@ class _Response(_Body):
     model: str
 
 
-class CompletionChoice(_Body):
+class _Choice(_Body):
     index: int
-    text: str
     logprobs: dict | None = None
     finish_reason: str | None = None
+
+
+class CompletionChoice(_Choice):
+    text: str
 
 
 class CompletionResponse(_Response):
@@ -211,11 +214,8 @@ class ChatMessageOut(_Body):
     content: str
 
 
-class ChatChoice(_Body):
-    index: int
+class ChatChoice(_Choice):
     message: ChatMessageOut
-    logprobs: dict | None = None
-    finish_reason: str | None = None
 
 
 class ChatCompletionResponse(_Response):
@@ -230,11 +230,8 @@ class ChatDelta(_Body):
     content: str | None = _omitted_when_none()
 
 
-class ChatChunkChoice(_Body):
-    index: int
+class ChatChunkChoice(_Choice):
     delta: ChatDelta
-    logprobs: dict | None = None
-    finish_reason: str | None = None
 
 
 class ChatCompletionChunk(_Response):
