@@ -1,6 +1,6 @@
 """Speculative decoding (n-gram prompt lookup) against plain decoding on the embedded SmolLM2
 (Q4_1, packed), on copy-heavy chat prompts (repeat / correct / quote a paragraph), greedy, at
-batch 1 and 8, for k = 2, 4, 6 proposed tokens per step (at most 32 verification rows a step, the
+batch 1 and 8, for k = 2, 4, 6 proposed tokens per step (at most 16 verification rows a step, the
 engine's default, and once without that cap). Both engines load once and run in this
 one process, alternating run by run, best of `--repeats` each; outputs are checked to be equal token for token.
 
@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     plain = LLM(threads=args.threads, kv_cache_memory="128MiB")
-    # k proposals per sequence, capped by the engine's default of 32 verification rows per step;
+    # k proposals per sequence, capped by the engine's default of 16 verification rows per step;
     # the last one uncapped, to show what the cap avoids
     configs = {f"{k}": {"num_speculative_tokens": k} for k in (2, 4, 6)}
     configs["6, uncapped"] = {"num_speculative_tokens": 6, "max_verify_rows": 1024}

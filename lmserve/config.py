@@ -158,15 +158,16 @@ class SpeculativeConfig:
     that followed the latest earlier occurrence of the sequence's last `ngram_max` (down to
     `ngram_min`) tokens. A step verifies at most `max_verify_rows` rows (running sequences x
     (1 + proposals)): with more running sequences each gets fewer proposals, and none once one
-    each would not fit. The default is the block kernel's row limit (KERNEL_MAX_ROWS): past it a
-    matmul dequantizes its weight instead, and verification rows stop being nearly free (measured
-    in benchmarks/bench_speculative.py: 2x at batch 1, a loss at 8 sequences x 7 rows)."""
+    each would not fit. Measured with benchmarks/bench_speculative.py on SmolLM2 (2 cores): 1.7-2.2x
+    at batch 1, about 1x at 8 sequences with 3-7 rows each, so the default of 16 rows gives 8
+    sequences one proposal each and stops at 9; verification rows are nearly free only while the
+    block kernel's matmuls stay small (past 32 rows they dequantize their weights)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     ngram_max: int = 4
     ngram_min: int = 2
-    max_verify_rows: int = 32
+    max_verify_rows: int = 16
 
     def __post_init__(self):
         if self.method not in SPECULATIVE_METHODS:
