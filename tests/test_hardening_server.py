@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import re
 import threading
@@ -15,7 +14,6 @@ import time
 
 import httpx
 import pytest
-import uvicorn
 
 from lmserve import LLM
 from lmserve.errors import LmserveError
@@ -23,7 +21,7 @@ from lmserve.server import build_app
 from lmserve.server.app import _GracefulServer
 from lmserve.server.async_engine import AsyncEngine
 from lmserve.tokenizer import Tokenizer
-from tests.test_server import CHAT, MODEL, _assert_error, _free_port, running
+from tests.test_server import CHAT, MODEL, _assert_error, running, serving
 
 NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 HUGE_STRING = "{{ 'x' * 3000000000 }}"
@@ -39,12 +37,6 @@ def async_engine(llm):
     engine = AsyncEngine(llm.engine).start()
     yield engine
     engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def url(async_engine):
-    with running(build_app(async_engine, MODEL)) as base:
-        yield base
 
 
 class _HealthProbe:
@@ -294,21 +286,9 @@ def test_temperature_bound_and_best_of(url):
     assert [c["index"] for c in chat["choices"]] == [0, 1]
 
 
-@contextlib.contextmanager
 def _graceful(app):
     """Serve `app` from a thread as `lmserve serve` does; setting `should_exit` is what SIGTERM does."""
-    server = _GracefulServer(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning",
-                                            timeout_graceful_shutdown=10))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "uvicorn failed to start"
-        time.sleep(0.02)
-    try:
-        yield server
-    finally:
-        server.should_exit = True
-        thread.join(20)
+    return serving(app, _GracefulServer, timeout_graceful_shutdown=10)
 
 
 def test_shutdown_ends_streams_with_abort_usage_and_done(llm):

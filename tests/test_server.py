@@ -36,19 +36,27 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(app):
-    """Serve `app` from a background uvicorn thread; yield its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+def serving(app, server_class=uvicorn.Server, **options):
+    """Serve `app` from a background thread on a free loopback port; yield the server (setting
+    its `should_exit`, as SIGTERM does, stops it)."""
+    server = server_class(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning", **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         assert thread.is_alive(), "uvicorn failed to start"
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{server.config.port}"
+        yield server
     finally:
         server.should_exit = True
-        thread.join(10)
+        thread.join(20)
+
+
+@contextlib.contextmanager
+def running(app):
+    """Serve `app` from a background uvicorn thread; yield its base URL."""
+    with serving(app) as server:
+        yield f"http://127.0.0.1:{server.config.port}"
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +66,6 @@ def async_engine():
     engine.shutdown()
 
 
-@pytest.fixture(scope="module")
-def url(async_engine):
-    with running(build_app(async_engine, MODEL)) as base:
-        yield base
 
 
 @pytest.fixture(scope="module")

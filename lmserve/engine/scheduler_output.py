@@ -57,10 +57,3 @@ class SchedulerOutput:
 
     def __iter__(self):
         return iter(self.scheduled)
-
-    def __len__(self) -> int:
-        return len(self.scheduled)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(r.num_tokens for r in self.scheduled)
