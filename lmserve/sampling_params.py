@@ -90,6 +90,44 @@ def _logit_bias(value) -> dict[int, float] | None:
 
 
 @dataclass
+class StructuredOutputs:
+    """A constraint on what a request may generate; exactly one field is set.
+
+    json: a JSON schema (dict or its JSON text); json_object: any JSON object; regex: a regular
+    expression the whole output matches; choice: one of these strings; grammar: a Lark grammar
+    (llguidance's dialect) or a GBNF/EBNF one (`root ::= ...`). A constraint that does not
+    compile is refused when the request is added (InvalidParameterError naming the problem).
+    """
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        field = "structured_outputs"
+        self.json_object = _flag(f"{field}.json_object", self.json_object)
+        chosen = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        chosen += ["json_object"] if self.json_object else []
+        if len(chosen) != 1:
+            raise InvalidParameterError(field, "set exactly one of json, json_object, regex, choice, grammar"
+                                               f" (got {', '.join(chosen) or 'none'})")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise InvalidParameterError(f"{field}.json", f"must be a JSON schema object or its text, got {self.json!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise InvalidParameterError(f"{field}.{name}", f"must be a non-empty string, got {value!r}")
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not self.choice \
+                    or not all(isinstance(c, str) and c for c in self.choice):
+                raise InvalidParameterError(f"{field}.choice", f"must be a non-empty list of non-empty strings, "
+                                                               f"got {self.choice!r}")
+            self.choice = list(self.choice)
+
+
+@dataclass
 class SamplingParams:
     """How to pick tokens for one request, and when to stop.
 
@@ -118,6 +156,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
     speculative: bool = True  # False: this request opts out of the engine's speculative decoding
+    structured: StructuredOutputs | None = None  # constrain the output (JSON schema, regex, choice, grammar)
 
     def __post_init__(self) -> None:
         self._validate_lengths()
@@ -129,6 +168,8 @@ class SamplingParams:
         self.skip_special_tokens = _flag("skip_special_tokens", self.skip_special_tokens)
         self.include_stop_str_in_output = _flag("include_stop_str_in_output", self.include_stop_str_in_output)
         self.speculative = _flag("speculative", self.speculative)
+        if self.structured is not None and not isinstance(self.structured, StructuredOutputs):
+            raise InvalidParameterError("structured_outputs", f"must be a StructuredOutputs, got {self.structured!r}")
 
     def _validate_lengths(self) -> None:
         self.n = _integer("n", self.n, ">= 1")

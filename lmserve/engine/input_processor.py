@@ -3,7 +3,8 @@
 Checks what depends on the model (token ids inside the vocabulary, prompt plus max_tokens within
 the context limit: the one place that limit is enforced, for the library, the CLI and the server
 alike), tokenizes, truncates, sets up beam search state, and gives each sequence its seeded
-generator, incremental detokenizer and stop-string matcher.
+generator, incremental detokenizer, stop-string matcher and, for a constrained request, its
+compiled grammar (a constraint that does not compile is refused here).
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from lmserve.config import EngineConfig, ModelConfig
 from lmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from lmserve.engine.beam_search import BeamSearch
 from lmserve.engine.sequence import Request, Sequence
+from lmserve.engine.structured_output import StructuredOutputManager
 from lmserve.errors import ContextLengthError, InvalidParameterError
 from lmserve.sampling_params import BeamSearchParams, SamplingParams
 
 
 class InputProcessor:
     def __init__(self, tokenizer, model_config: ModelConfig, engine_config: EngineConfig, max_model_len: int,
-                 stop_token_ids: frozenset[int]):
+                 stop_token_ids: frozenset[int], structured: StructuredOutputManager):
         self.tokenizer = tokenizer
+        self.structured = structured
         self.vocab_size = model_config.vocab_size
         self.max_num_seqs = engine_config.max_num_seqs
         self.device = engine_config.torch_device
@@ -75,6 +78,8 @@ class InputProcessor:
             ids = ids[-params.truncate_prompt_tokens:]
         max_tokens = self._check_context(len(ids), params.max_tokens)
         request = Request(request_id, text, ids, params, width=width)
+        if params.structured is not None:
+            request.grammar = self.structured.compile(params.structured)
         if beam_params is not None:
             request.beam = BeamSearch(beam_params, self.stop_token_ids, max_tokens)
         self.new_sequence(request, list(ids))
@@ -114,6 +119,8 @@ class InputProcessor:
                                                      params.skip_special_tokens)
         if params.stop:
             seq.stop_matcher = StopStringMatcher(params.stop)
+        if request.grammar is not None:  # forks are made before any token is generated
+            seq.grammar = request.grammar.copy()
         request.seqs.append(seq)
         return seq
 

@@ -4,7 +4,8 @@
 step contract: the scheduler decides the batch and its block operations (`SchedulerOutput`),
 the runner runs them and one forward, the scheduler takes the computed tokens
 (`update_from_output`), beams get their log-probs (`beam_search`), n / best_of requests fork
-(`parallel_sampling`), the sampler picks one token per sampling sequence, and the
+(`parallel_sampling`), the sampler picks one token per sampling sequence (within its
+constraint's bitmask, computed while the forward runs: `structured_output`), and the
 `OutputProcessor` appends it, detokenizes, applies stop conditions and builds the outputs of the
 requests that progressed. There are no threads or asyncio here; the server and the `LLM` class
 drive `step()` in a loop.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -32,7 +34,8 @@ from lmserve.engine.sampler import Sampler, SamplingRow
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.speculative import SpecStats, Speculator
 from lmserve.engine.scoring import score_sequence
-from lmserve.engine.sequence import Request
+from lmserve.engine.sequence import Request, Sequence
+from lmserve.engine.structured_output import StructuredOutputManager
 from lmserve.errors import InvalidParameterError
 from lmserve.loader import Checkpoint
 from lmserve.outputs import RequestOutput
@@ -77,7 +80,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         stop_ids = self.tokenizer.stop_token_ids if self.tokenizer is not None else cfg.eos_token_ids
         self.stop_token_ids = frozenset(stop_ids)
-        self.inputs = InputProcessor(self.tokenizer, cfg, engine_config, self.max_model_len, self.stop_token_ids)
+        self.structured = StructuredOutputManager(self.tokenizer, cfg.vocab_size, self.stop_token_ids)
+        self.inputs = InputProcessor(self.tokenizer, cfg, engine_config, self.max_model_len, self.stop_token_ids,
+                                     self.structured)
         self.outputs = OutputProcessor(self.tokenizer, self.stop_token_ids, self.max_model_len, self.scheduler.remove)
         self.forker = Forker(self.inputs.new_sequence, self.scheduler)
         spec = engine_config.speculative
@@ -123,6 +128,7 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
         scheduled = self.scheduler.schedule()
+        masks = self._start_token_masks(scheduled)
         logits = self.runner.execute(scheduled)
         if logits is None:
             return []
@@ -144,7 +150,8 @@ class LLMEngine:
         for seq, first in zip(sampling, first_rows):
             for j in range(len(seq.spec_token_ids) + 1):
                 history = seq.output_token_ids + seq.spec_token_ids[:j] if j else seq.output_token_ids
-                rows.append(SamplingRow(seq.params, seq.generator, seq.request.prompt_token_ids, history))
+                rows.append(SamplingRow(seq.params, seq.generator, seq.request.prompt_token_ids, history,
+                                        self._token_mask(masks, seq)))
                 logit_rows.append(first + j)
                 owners.append(seq)
         if logit_rows != list(range(logits.shape[0])):
@@ -176,6 +183,22 @@ class LLMEngine:
             if output is not None:
                 outputs.append(output)
         return outputs
+
+    def _start_token_masks(self, scheduled) -> tuple[dict[Sequence, int], Future] | None:
+        """Start computing the allowed-token bitmasks of the constrained sequences that sample
+        this step, on the grammar worker while the forward runs: {seq: mask row}, future."""
+        constrained = [r.seq for r in scheduled if r.samples and r.seq.grammar is not None]
+        if not constrained:
+            return None
+        return ({seq: i for i, seq in enumerate(constrained)},
+                self.structured.submit([seq.grammar for seq in constrained]))
+
+    def _token_mask(self, masks: tuple[dict[Sequence, int], Future] | None, seq: Sequence) -> torch.Tensor | None:
+        if seq.grammar is None:
+            return None
+        if masks is not None and seq in masks[0]:
+            return masks[1].result()[masks[0][seq]]
+        return self.structured.masks([seq.grammar])[0]  # a sample forked this step: not submitted
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """fp32 logits [len(token_ids), vocab] at every position of one sequence (the logits at

@@ -1,15 +1,18 @@
 """Tokens out: each sampled token appended to its sequence, turned into text, checked against
 the stop conditions (stop token ids, EOS, stop strings across token boundaries, max_tokens, the
-context limit), and requests reported as `RequestOutput`s with their new text since the last
+context limit, a completed constraint), and requests reported as `RequestOutput`s with their new text since the last
 report. A finished sequence leaves the scheduler (and frees its KV blocks) at once."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from lmserve.engine.beam_search import beam_output
 from lmserve.engine.sequence import Request, Sequence, SequenceStatus
 from lmserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+logger = logging.getLogger("lmserve")
 
 
 class OutputProcessor:
@@ -21,6 +24,12 @@ class OutputProcessor:
         self.release = release  # takes a finished sequence out of the scheduler
 
     def append_token(self, seq: Sequence, token: int, logprob: float, top: list[tuple[int, float]] | None) -> None:
+        if seq.grammar is not None and token not in self.stop_token_ids and not seq.grammar.accept(token):
+            # Only when the mask allowed nothing (e.g. min_tokens forbids the end the constraint needs).
+            logger.warning("request %s: token %d is outside its constraint; finishing it",
+                           seq.request.request_id, token)
+            self.finish(seq, "stop", flush=True)
+            return
         seq.token_ids.append(token)
         seq.cumulative_logprob += logprob
         params = seq.params
@@ -35,6 +44,9 @@ class OutputProcessor:
             self.finish(seq, "stop")
             return
         if seq.detokenizer is not None and self._add_text(seq, token):
+            return
+        if seq.grammar is not None and seq.grammar.is_terminated():
+            self.finish(seq, "stop", flush=True)  # the constraint is complete: nothing may follow
             return
         if (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) \
                 or seq.num_tokens >= self.max_model_len:
@@ -54,8 +66,10 @@ class OutputProcessor:
             self.finish(seq, "stop", stop_reason=seq.stop_matcher.matched)
         return stopped
 
-    def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
-        if reason != "stop" and seq.detokenizer is not None:
+    def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None, flush: bool = False) -> None:
+        """End the sequence; text held back is released unless a stop token or string ended it
+        (`flush` releases it for other stops)."""
+        if (reason != "stop" or flush) and seq.detokenizer is not None:
             # Release text held back for an unfinished character or a possible stop string.
             tail = seq.detokenizer.flush()
             if seq.stop_matcher is not None:

@@ -4,6 +4,7 @@ Each row carries its own `SamplingParams`. The stages run in a fixed order, vect
 batch, and a stage is skipped entirely when no row in the batch uses it:
 
     logit_bias -> repetition penalty -> frequency/presence penalties -> min_tokens masking
+    -> structured-output token masks
     -> greedy rows: argmax
     -> other rows: temperature -> top-k -> top-p -> min-p -> exponential-race sample
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmserve.engine.structured_output import allowed_tokens
 from lmserve.quant import native
 from lmserve.sampling_params import SamplingParams
 
@@ -32,6 +34,7 @@ class SamplingRow:
     generator: torch.Generator | None  # per-request RNG; None only when greedy
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    token_mask: torch.Tensor | None = None  # [ceil(V / 32)] int32 bits of the allowed tokens (constrained rows)
 
 
 @dataclass
@@ -61,7 +64,8 @@ class Sampler:
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow],
                     stop_token_ids_per_row: list[set[int]] | None = None) -> torch.Tensor:
-    """Apply logit_bias, repetition, frequency/presence penalties and min_tokens masking.
+    """Apply logit_bias, repetition, frequency/presence penalties, min_tokens masking and the
+    structured-output token masks.
 
     Returns a new tensor when any of them applies (the input is left untouched, since logprobs
     are reported from it), else the input itself. Token ids outside the vocabulary are ignored.
@@ -71,7 +75,8 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow],
     repetition = any(p.repetition_penalty != 1.0 for p in params)
     frequency = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
     mask_stops = any(len(r.output_token_ids) < r.params.min_tokens for r in rows)
-    if not (bias or repetition or frequency or mask_stops):
+    constrained = [i for i, r in enumerate(rows) if r.token_mask is not None]
+    if not (bias or repetition or frequency or mask_stops or constrained):
         return logits
     out = logits.clone()
     if bias:
@@ -82,6 +87,8 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow],
         _frequency_presence_penalty(out, rows)
     if mask_stops:
         _mask_stop_tokens(out, rows, stop_token_ids_per_row)
+    if constrained:
+        _apply_token_masks(out, constrained, [rows[i].token_mask for i in constrained])
     return out
 
 
@@ -168,6 +175,13 @@ def _mask_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow],
         extra = stop_token_ids_per_row[i] if stop_token_ids_per_row is not None else ()
         ids.append(_in_vocab(set(extra).union(r.params.stop_token_ids or ()), vocab))
     _update_at(logits, ids, [float("-inf")] * len(rows), 0.0, _add)
+
+
+def _apply_token_masks(logits: torch.Tensor, row_ids: list[int], masks: list[torch.Tensor]) -> None:
+    """Send the tokens a row's bitmask forbids to -inf."""
+    index = torch.tensor(row_ids, device=logits.device)
+    allowed = allowed_tokens(torch.stack(masks).to(logits.device), logits.shape[1])
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 
 # ---- filters (non-greedy rows only) --------------------------------------------------------------

@@ -47,6 +47,7 @@ class Sequence:
     num_emitted_chars: int = 0
     beam_logprobs: object | None = None  # beam search: next-token log-probs awaiting the request's beam step
     spec_token_ids: list[int] = field(default_factory=list)  # proposed tokens the next step verifies
+    grammar: object | None = None  # structured_output.GrammarMatcher of a constrained request
 
     @property
     def params(self) -> SamplingParams:
@@ -90,6 +91,7 @@ class Request:
     width: int = 1  # sequences the request grows to: best_of (or n), or the beam width
     forked: bool = False  # whether the first sequence has been forked into `width`
     beam: object | None = None  # beam_search.BeamSearch state of a beam-search request
+    grammar: object | None = None  # a fresh GrammarMatcher of its constraint; each sequence copies it
 
     @property
     def pending_forks(self) -> int:

@@ -91,10 +91,10 @@ class Speculator:
         self.stats.proposer_seconds += time.perf_counter() - start
 
     def _room(self, seq: Sequence, limit: int) -> int:
-        """How many proposals `seq` may take, at most `limit`: 0 unless it is decoding and opted
-        in; never past max_tokens or the context limit (the step also adds one token of its own)."""
+        """How many proposals `seq` may take, at most `limit`: 0 unless it is decoding, opted in
+        and unconstrained (structured output does not speculate yet); never past max_tokens or the context limit (the step also adds one token of its own)."""
         params = seq.params
-        if limit <= 0 or not params.speculative or seq.request.beam is not None \
+        if limit <= 0 or not params.speculative or seq.request.beam is not None or seq.grammar is not None \
                 or seq.num_tokens - seq.num_computed_tokens != 1:
             return 0
         room = min(limit, self.max_model_len - seq.num_tokens - 1)
