@@ -1,14 +1,16 @@
 """The OpenAI-compatible FastAPI app: routes, error mapping, API-key check, admission and SSE.
 
 `build_app` wraps an engine in an `AsyncEngine` and serves `/v1/completions`,
-`/v1/chat/completions` (both optionally streamed as server-sent events), `/v1/models`,
-`/tokenize`, `/detokenize`, `/health` and `/metrics`. Before any body is read, a middleware checks
-the API key (every route but `GET /health`) and the body size (413). Every user error becomes an
-OpenAI error body with a 4xx status, and an unexpected exception a 500 one, the connection
-staying usable; a full waiting queue answers 429 with Retry-After. Tokenizing, chat templates
-and detokenizing run in worker threads, so the event loop keeps answering. `serve` runs the app
-under uvicorn and, on SIGTERM/SIGINT, aborts the requests in flight (their streams end with
-finish_reason "abort") before uvicorn drains.
+`/v1/chat/completions` (both optionally streamed as server-sent events), `/v1/models` (and
+`/v1/models/{id}`), `/tokenize`, `/detokenize`, `/tokenizer_info`, `/health` and `/metrics`.
+Before any body is read, a middleware checks the API key (every route but `GET /health`) and
+the body size (413). Every user error becomes an OpenAI error body with a 4xx status, and an
+unexpected exception a 500 one, the connection staying usable; a full waiting queue answers 429
+with Retry-After. Tokenizing, chat templates and detokenizing run in worker threads, so the event
+loop keeps answering. `serve` runs the app under uvicorn and, on SIGTERM/SIGINT, aborts the
+requests in flight (their streams end with finish_reason "length" and an error event) before
+uvicorn drains. Finish reasons are only
+OpenAI's (`protocol.FINISH_REASONS`): a request cut short by the server reports "length".
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
+import importlib.metadata
 import json
 import logging
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -37,6 +42,7 @@ from lmserve.errors import ContextLengthError, InvalidParameterError, LmserveErr
 from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.sampling_params import BeamSearchParams, SamplingParams
 from lmserve.server import protocol as proto
+from lmserve.server import tools
 from lmserve.server.async_engine import (AsyncEngine, EngineStepError, EngineUnavailableError,
                                          RequestTimeoutError)
 from lmserve.server.metrics import ServerMetrics
@@ -44,6 +50,10 @@ from lmserve.server.metrics import ServerMetrics
 logger = logging.getLogger("lmserve.server")
 
 RETRY_AFTER_SECONDS = 1
+try:
+    _VERSION = importlib.metadata.version("lmserve")
+except importlib.metadata.PackageNotFoundError:
+    _VERSION = "unknown"
 DEFAULT_MAX_BODY_SIZE = 4 * 2**20
 
 
@@ -172,6 +182,14 @@ class _Guard:
         return replay
 
 
+def _fingerprint(engine: LLMEngine) -> str:
+    """OpenAI's `system_fingerprint`: changes with the weights file, the engine options and lmserve's version."""
+    path = Path(engine.checkpoint.path)
+    stat = path.stat() if path.exists() else None
+    identity = f"{_VERSION}|{path}|{stat and (stat.st_size, stat.st_mtime_ns)}|{engine.config}"
+    return "fp_" + hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
 class _Server:
     """Per-app state shared by the route handlers."""
 
@@ -182,6 +200,7 @@ class _Server:
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.max_num_seqs = engine.engine.config.max_num_seqs
+        self.fingerprint = _fingerprint(engine.engine)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -244,6 +263,37 @@ class _Server:
                 raise ApiError.of(exc, prompt_param) from None
             raise
         return _Generation(self, token_ids, params, request_id)
+
+    async def prompt_token_ids(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """The prompts' token ids (tokenized in a worker thread), checked as the engine checks
+        them: not empty, inside the vocabulary, within the context limit."""
+        def run() -> list[list[int]]:
+            ids = [self.engine.engine.inputs.prompt_ids(prompt)[1] for prompt in prompts]
+            for tokens in ids:
+                if len(tokens) > self.max_model_len:
+                    raise ContextLengthError("prompt", f"the prompt has {len(tokens)} tokens, over the context "
+                                                       f"limit of {self.max_model_len} tokens")
+            return ids
+        try:
+            return await asyncio.to_thread(run)
+        except LmserveError as exc:
+            raise ApiError.of(exc, "prompt") from None
+
+    async def prompt_logprobs(self, request: Request, prompts: list[list[int]], top_n: int) -> list[dict]:
+        """Each prompt's legacy logprobs block (its first token's logprob null), scored on the
+        engine thread (`AsyncEngine.prompt_logprobs`) on admitted places."""
+        self.admit(len(prompts))
+        try:
+            entries = await _unless_disconnected(request, asyncio.gather(
+                *(self.engine.prompt_logprobs(ids, top_n) for ids in prompts)))
+            return await asyncio.to_thread(lambda: [proto.completion_logprobs(ids, lps, self.token_text, 0)
+                                                    for ids, lps in zip(prompts, entries)])
+        except Exception as exc:
+            error = ApiError.of(exc, "prompt")
+            error.param = "prompt" if error.param == "token_ids" else error.param
+            raise error from None
+        finally:
+            self.engine.release(len(prompts))
 
 
 class _Generation:
@@ -351,8 +401,9 @@ class _ChoiceState:
 async def _stream_events(items: AsyncIterator, first: tuple[int, RequestOutput], render_events,
                          finish_abort, usage_event) -> AsyncIterator[str]:
     """Common SSE loop: events for `first` and each later output, the final usage event, [DONE].
-    A timeout or a shutdown ends unfinished choices with finish_reason "abort" (then the usage
-    event; a shutdown adds an error event saying so); other errors become an error event."""
+    A timeout or a shutdown ends unfinished choices with finish_reason "length" (cut short by a
+    server limit; then the usage event; a shutdown adds an error event saying so); other errors
+    become an error event."""
     shutdown = None
     try:
         item = first
@@ -409,7 +460,6 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
     params = body.sampling_params()
     prompts = body.prompts()
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    gen = await server.generate(len(prompts), lambda: prompts, params, request_id, "prompt")
     n = params.n
     states: dict[int, _ChoiceState] = {}
 
@@ -420,11 +470,31 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
             return prompts[i]
         return server.require_tokenizer("prompt").decode(prompts[i])
 
-    def choice_logprobs(choice: CompletionOutput, start_token: int, text_offset: int):
+    # echo + logprobs: the prompt's own logprobs (the first null) lead each choice's block;
+    # max_tokens 0: nothing is generated, the choices hold only the echoed prompt.
+    echo_logprobs = body.echo and body.logprobs is not None
+    prompt_blocks: list[dict | None] = [None] * len(prompts)
+    prompt_ids = None
+    if echo_logprobs or body.max_tokens == 0:
+        server.check_fits(len(prompts), params, "prompt")
+        prompt_ids = await server.prompt_token_ids(prompts)
+    if echo_logprobs:
+        truncate = getattr(params, "truncate_prompt_tokens", None)
+        scored = [ids[-truncate:] if truncate else ids for ids in prompt_ids]
+        prompt_blocks = await server.prompt_logprobs(request, scored, body.logprobs)
+    if body.max_tokens == 0:
+        return _prompt_only_completion(server, body, request_id, n, [echo_text(i) for i in range(len(prompts))],
+                                       prompt_ids, prompt_blocks)
+    gen = await server.generate(len(prompts), lambda: prompt_ids or prompts, params, request_id, "prompt")
+
+    def choice_logprobs(choice: CompletionOutput, start_token: int, text_offset: int, i: int, first: bool):
+        """The block of tokens `start_token`... of `choice` (whose text starts at `text_offset`),
+        after the prompt's own block in a choice's `first` chunk when echo asks for it."""
         if choice.logprobs is None:
             return None
-        return proto.completion_logprobs(choice.token_ids[start_token:], choice.logprobs[start_token:],
-                                         server.token_text, text_offset)
+        block = proto.completion_logprobs(choice.token_ids[start_token:], choice.logprobs[start_token:],
+                                          server.token_text, text_offset)
+        return proto.joined_logprobs(prompt_blocks[i], block) if first else block
 
     if not body.stream:
         await _run_to_end(request, gen, "prompt")
@@ -434,16 +504,18 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
             prefix = echo_text(i)
             for c in output.outputs:
                 choices.append(proto.CompletionChoice(index=i * n + c.index, text=prefix + c.text,
-                                                      logprobs=choice_logprobs(c, 0, 0),
+                                                      logprobs=choice_logprobs(c, 0, len(prefix), i, True),
                                                       finish_reason=c.finish_reason))
         return JSONResponse(proto.CompletionResponse(id=request_id, model=server.model_name, choices=choices,
-                                                     usage=gen.usage()).model_dump())
+                                                     usage=gen.usage(), system_fingerprint=server.fingerprint
+                                                     ).model_dump())
 
     created = int(time.time())
 
     def event(choices: list[proto.CompletionChoice], usage: proto.Usage | None = None) -> str:
         return _chunk_event(proto.CompletionResponse(id=request_id, created=created, model=server.model_name,
-                                                     choices=choices, usage=usage), body.include_usage)
+                                                     choices=choices, usage=usage,
+                                                     system_fingerprint=server.fingerprint), body.include_usage)
 
     def render(i: int, output: RequestOutput) -> list[str]:
         choices = []
@@ -451,22 +523,22 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
             state = states.setdefault(i * n + c.index, _ChoiceState())
             if state.finished:
                 continue
-            text = c.delta_text
-            if not state.started:
-                text = echo_text(i) + text
-                state.started = True
+            first = not state.started
+            prefix = echo_text(i) if first else ""
+            state.started = True
+            text = prefix + c.delta_text
             start = len(c.token_ids) - len(c.delta_token_ids)
-            if not (text or c.finish_reason or (c.logprobs is not None and c.delta_token_ids)):
+            logprobs = choice_logprobs(c, start, state.chars + len(prefix), i, first)
+            if not (text or c.finish_reason or (logprobs is not None and logprobs["tokens"])):
                 continue
-            choices.append(proto.CompletionChoice(index=i * n + c.index, text=text,
-                                                  logprobs=choice_logprobs(c, start, state.chars),
+            choices.append(proto.CompletionChoice(index=i * n + c.index, text=text, logprobs=logprobs,
                                                   finish_reason=c.finish_reason))
             state.chars += len(text)
             state.finished = c.finish_reason is not None
         return [event(choices)] if choices else []
 
     def finish_abort() -> list[str]:
-        return [event([proto.CompletionChoice(index=index, text="", finish_reason="abort")
+        return [event([proto.CompletionChoice(index=index, text="", finish_reason="length")
                        for index in range(len(prompts) * n) if not states.get(index, _ChoiceState()).finished])]
 
     def usage_event() -> str:
@@ -478,17 +550,41 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
                              media_type="text/event-stream")
 
 
+def _prompt_only_completion(server: _Server, body: proto.CompletionRequest, request_id: str, n: int,
+                            echoes: list[str], prompt_ids: list[list[int]], prompt_blocks: list[dict | None]
+                            ) -> Response:
+    """max_tokens 0: nothing generated; each choice is its echoed prompt (with the prompt's logprobs
+    when asked for; without echo, an empty block), finish_reason "length"."""
+    empty = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    choices = [proto.CompletionChoice(index=i * n + j, text=echoes[i], finish_reason="length",
+                                      logprobs=None if body.logprobs is None else prompt_blocks[i] or empty)
+               for i in range(len(prompt_ids)) for j in range(n)]
+    usage = proto.Usage.of(sum(map(len, prompt_ids)), 0)
+    response = proto.CompletionResponse(id=request_id, model=server.model_name, choices=choices, usage=usage,
+                                        system_fingerprint=server.fingerprint)
+    if not body.stream:
+        return JSONResponse(response.model_dump())
+
+    async def events() -> AsyncIterator[str]:
+        yield _chunk_event(response.model_copy(update={"usage": None}), body.include_usage)
+        if body.include_usage:
+            yield _chunk_event(response.model_copy(update={"choices": []}), True)
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 # ---- chat completions ---------------------------------------------------------------------------
 
 async def _chat(server: _Server, body: proto.ChatCompletionRequest, request: Request) -> Response:
     server.check_model(body.model)
-    params = body.sampling_params()
+    plan = tools.ToolPlan.of(body.tools, body.tool_choice, body.parallel_tool_calls)
+    params = tools.constrain(plan, body.sampling_params())
     tokenizer = server.require_tokenizer("messages")
-    messages = body.message_dicts()
+    messages, template_tools = tools.chat_prompt(plan, body.message_dicts(), tokenizer.chat_template)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     top_n = body.top_logprobs or 0
-    gen = await server.generate(1, lambda: [tokenizer.apply_chat_template(messages)], params, request_id,
-                                "messages")
+    gen = await server.generate(1, lambda: [tokenizer.apply_chat_template(messages, tools=template_tools)],
+                                params, request_id, "messages")
 
     def logprobs(choice: CompletionOutput, start: int):
         if choice.logprobs is None:
@@ -498,17 +594,24 @@ async def _chat(server: _Server, body: proto.ChatCompletionRequest, request: Req
     if not body.stream:
         await _run_to_end(request, gen, "messages")
         output = gen.last[0]
-        choices = [proto.ChatChoice(index=c.index, message=proto.ChatMessageOut(content=c.text),
-                                    logprobs=logprobs(c, 0), finish_reason=c.finish_reason) for c in output.outputs]
+        choices = []
+        for c in output.outputs:
+            content, tool_calls, finish_reason = tools.parse_choice(plan, c.text, c.finish_reason)
+            choices.append(proto.ChatChoice(index=c.index, message=proto.ChatMessageOut(content=content,
+                                                                                       tool_calls=tool_calls),
+                                            logprobs=logprobs(c, 0), finish_reason=finish_reason))
         return JSONResponse(proto.ChatCompletionResponse(id=request_id, model=server.model_name, choices=choices,
-                                                         usage=gen.usage()).model_dump())
+                                                         usage=gen.usage(), system_fingerprint=server.fingerprint
+                                                         ).model_dump())
 
     created = int(time.time())
     states: dict[int, _ChoiceState] = {}
+    streams: dict[int, tools.ToolCallStream] = {}
 
     def event(choices: list[proto.ChatChunkChoice], usage: proto.Usage | None = None) -> str:
         return _chunk_event(proto.ChatCompletionChunk(id=request_id, created=created, model=server.model_name,
-                                                      choices=choices, usage=usage), body.include_usage)
+                                                      choices=choices, usage=usage,
+                                                      system_fingerprint=server.fingerprint), body.include_usage)
 
     def render(_: int, output: RequestOutput) -> list[str]:
         events = []
@@ -521,16 +624,22 @@ async def _chat(server: _Server, body: proto.ChatCompletionRequest, request: Req
                 events.append(event([proto.ChatChunkChoice(index=c.index,
                                                            delta=proto.ChatDelta(role="assistant", content=""))]))
             start = len(c.token_ids) - len(c.delta_token_ids)
-            if not (c.delta_text or c.finish_reason or (c.logprobs is not None and c.delta_token_ids)):
+            parts, finish_reason = ([{"content": c.delta_text}] if c.delta_text else []), c.finish_reason
+            if plan is not None:  # tool calls: content held back or turned into delta.tool_calls
+                parts, finish_reason = streams.setdefault(c.index, plan.stream()).step(c.delta_text, finish_reason)
+            if not (parts or finish_reason or (c.logprobs is not None and c.delta_token_ids)):
                 continue
-            delta = proto.ChatDelta(content=c.delta_text or None)
-            events.append(event([proto.ChatChunkChoice(index=c.index, delta=delta, logprobs=logprobs(c, start),
-                                                       finish_reason=c.finish_reason)]))
-            state.finished = c.finish_reason is not None
+            parts = parts or [{}]
+            for k, part in enumerate(parts):
+                last = k == len(parts) - 1
+                events.append(event([proto.ChatChunkChoice(index=c.index, delta=proto.ChatDelta(**part),
+                                                           logprobs=logprobs(c, start) if k == 0 else None,
+                                                           finish_reason=finish_reason if last else None)]))
+            state.finished = finish_reason is not None
         return events
 
     def finish_abort() -> list[str]:
-        return [event([proto.ChatChunkChoice(index=index, delta=proto.ChatDelta(), finish_reason="abort")
+        return [event([proto.ChatChunkChoice(index=index, delta=proto.ChatDelta(), finish_reason="length")
                        for index in range(params.n) if not states.get(index, _ChoiceState()).finished])]
 
     def usage_event() -> str:
@@ -580,6 +689,149 @@ def _install_error_handlers(app: FastAPI) -> None:
         return ApiError(exc.status_code, str(exc.detail), type_, headers=exc.headers).response()
 
 
+# ---- OpenAPI --------------------------------------------------------------------------------------
+# FastAPI documents a 422 body for every route and JSON for every answer; the server answers a bad
+# request with 400 and an OpenAI error body, streams text/event-stream, and serves /metrics as
+# Prometheus text. `_openapi` corrects the generated schema to what the server really answers.
+
+_STRING_OR_NULL = [{"type": "string"}, {"type": "null"}]
+_ERROR_SCHEMA = {
+    "type": "object", "required": ["error"], "title": "ErrorResponse",
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"anyOf": _STRING_OR_NULL},
+        "code": {"anyOf": [*_STRING_OR_NULL, {"type": "integer"}]}}}},
+}
+_ERRORS = {400: "Invalid JSON, parameter or text (the OpenAI error body names the parameter)",
+           401: "Missing or incorrect API key (when the server has one)",
+           404: "No such model", 413: "Request body over the size limit",
+           429: "Too many requests waiting (Retry-After says when to try again)",
+           500: "Unexpected server error", 503: "The engine is not running",
+           504: "The request ran over the server's time limit"}
+_ANY_OBJECT = {"type": "object"}
+_MODEL_CARD = {"type": "object", "required": ["id", "object", "created", "owned_by"], "properties": {
+    "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+    "owned_by": {"type": "string"}, "max_model_len": {"type": "integer"}}}
+
+
+def _json(schema: dict) -> dict:
+    return {"application/json": {"schema": schema}}
+
+
+def _event_stream(chunk: dict) -> dict:
+    """Server-sent events: each one's data a chunk or an error body (JSON), the last `[DONE]`."""
+    payload = {"type": "string", "contentMediaType": "application/json",
+               "contentSchema": {"anyOf": [chunk, {"$ref": "#/components/schemas/ErrorResponse"}]}}
+    return {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
+        "data": {"if": {"const": "[DONE]"}, "else": payload}}}}}
+
+
+def _model_schema(model) -> dict:
+    """A response model's JSON schema, its own definitions under "$defs" (moved to the components by
+    `_openapi`), the model itself by reference."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+    defs = schema.pop("$defs", {})
+    return {"$ref": f"#/components/schemas/{model.__name__}", "$defs": {**defs, model.__name__: schema}}
+
+
+def _route_docs() -> dict[tuple[str, str], tuple[dict, tuple[int, ...]]]:
+    """(method, path) -> (the 200 answer's content, the error statuses the route can answer)."""
+    ref = "#/components/schemas/{model}"
+    generating = (400, 401, 404, 413, 429, 500, 503, 504)
+    return {
+        ("post", "/v1/completions"): ({**_json(_model_schema(proto.CompletionResponse)),
+                                       **_event_stream({"$ref": ref.format(model="CompletionResponse")})},
+                                      generating),
+        ("post", "/v1/chat/completions"): ({**_json(_model_schema(proto.ChatCompletionResponse)),
+                                            **_event_stream(_model_schema(proto.ChatCompletionChunk))}, generating),
+        ("get", "/v1/models"): (_json({"type": "object", "required": ["object", "data"], "properties": {
+            "object": {"const": "list"}, "data": {"type": "array", "items": _MODEL_CARD}}}), (401, 500)),
+        ("get", "/v1/models/{model_id}"): (_json(_MODEL_CARD), (401, 404, 500)),
+        ("get", "/health"): (_json({"type": "object", "required": ["status"], "properties": {
+            "status": {"const": "ok"}}}), (503,)),
+        ("get", "/metrics"): ({"text/plain": {"schema": {"type": "string"}}}, (401, 500)),
+        ("post", "/tokenize"): (_json({"type": "object", "required": ["tokens", "count", "max_model_len"],
+                                       "properties": {"tokens": {"type": "array", "items": {"type": "integer"}},
+                                                      "count": {"type": "integer"},
+                                                      "max_model_len": {"type": "integer"}}}),
+                                (400, 401, 404, 413, 500)),
+        ("post", "/detokenize"): (_json({"type": "object", "required": ["prompt"], "properties": {
+            "prompt": {"type": "string"}}}), (400, 401, 404, 413, 500)),
+        ("get", "/tokenizer_info"): (_json(_ANY_OBJECT), (400, 401, 500)),
+    }
+
+
+def _nullable_optionals(schema: dict, names: set[str]) -> None:
+    """Request models take null for an optional field as its default (protocol._Request): say so."""
+    for name in names:
+        model = schema.get(name, {})
+        required = set(model.get("required", ()))
+        for field, spec in model.get("properties", {}).items():
+            kinds = spec.get("anyOf", [spec])
+            if field not in required and not any(kind.get("type") == "null" for kind in kinds):
+                model["properties"][field] = {"anyOf": [spec, {"type": "null"}], **(
+                    {"default": spec["default"]} if "default" in spec else {})}
+
+
+def _request_models(components: dict, roots: list[str]) -> set[str]:
+    """The component schemas reachable from `roots`, the request bodies'."""
+    found, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name in found or name not in components:
+            continue
+        found.add(name)
+        todo.extend(ref.rsplit("/", 1)[-1] for ref in _refs(components[name]))
+    return found
+
+
+def _refs(node) -> list[str]:
+    if isinstance(node, dict):
+        return ([node["$ref"]] if isinstance(node.get("$ref"), str) else []) + [
+            ref for value in node.values() for ref in _refs(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in _refs(value)]
+    return []
+
+
+def _pop_defs(node) -> dict:
+    """Every "$defs" inside `node`, taken out."""
+    found = {}
+    if isinstance(node, dict):
+        found |= node.pop("$defs", {})
+        for value in node.values():
+            found |= _pop_defs(value)
+    elif isinstance(node, list):
+        for value in node:
+            found |= _pop_defs(value)
+    return found
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's OpenAPI schema, corrected: no 422, the error statuses each route answers with the
+    OpenAI error body, the 200 answers' real bodies and content types (JSON or an event stream,
+    Prometheus text for /metrics), and null accepted for optional request fields."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = FastAPI.openapi(app)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    components["ErrorResponse"] = _ERROR_SCHEMA
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    bodies = []
+    for (method, path), (content, statuses) in _route_docs().items():
+        operation = schema.get("paths", {}).get(path, {}).get(method)
+        if operation is None:
+            continue
+        bodies += [ref.rsplit("/", 1)[-1] for ref in _refs(operation.get("requestBody", {}))]
+        for name, definition in _pop_defs(content).items():
+            components.setdefault(name, definition)
+        operation["responses"] = {"200": {"description": "Successful Response", "content": content}} | {
+            str(status): {"description": _ERRORS[status], "content": _json(error)} for status in statuses}
+    _nullable_optionals(components, _request_models(components, bodies))
+    return schema
+
+
 def _as_async_engine(engine: dict | LLMEngine | AsyncEngine) -> tuple[AsyncEngine, bool]:
     """The engine to serve and whether the app owns (started, and will stop) it."""
     if isinstance(engine, AsyncEngine):
@@ -608,6 +860,7 @@ def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, ap
             await asyncio.to_thread(async_engine.shutdown)
 
     app = FastAPI(title="lmserve", lifespan=lifespan)
+    app.openapi = lambda: _openapi(app)  # what the server really answers (see _openapi)
     metrics = ServerMetrics(async_engine)
     server = _Server(async_engine, metrics, served_model_name, max_waiting, request_timeout)
     app.state.engine = async_engine
@@ -626,10 +879,18 @@ def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, ap
     async def chat_completions(body: proto.ChatCompletionRequest, request: Request) -> Response:
         return await _chat(server, body, request)
 
+    def model_card() -> dict:
+        return {"id": served_model_name, "object": "model", "created": 0, "owned_by": "lmserve",
+                "max_model_len": server.max_model_len}
+
     @v1.get("/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
-                                            "owned_by": "lmserve", "max_model_len": server.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        server.check_model(model_id)
+        return model_card()
 
     app.include_router(v1)
 
@@ -652,7 +913,8 @@ def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, ap
 
         def run() -> Response:  # in a worker thread, the JSON of a long token list included
             if body.messages is not None:
-                text = tokenizer.apply_chat_template([m.as_dict() for m in body.messages], body.add_generation_prompt)
+                messages = tools.history_messages([m.as_dict() for m in body.messages], tokenizer.chat_template)
+                text = tokenizer.apply_chat_template(messages, body.add_generation_prompt)
             else:
                 text = body.prompt
             tokens = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
@@ -669,6 +931,35 @@ def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, ap
         if bad:
             raise ApiError(400, f"tokens: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
         return JSONResponse({"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)})
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(include_tokenizer_json: bool = False) -> Response:
+        """What an evaluation harness needs to tokenize as the server does: vocabulary sizes,
+        special tokens, the chat template, the context limit; with `?include_tokenizer_json=true`
+        also the whole tokenizer (Hugging Face `tokenizer.json`, loadable with
+        `tokenizers.Tokenizer.from_str(json.dumps(...))`)."""
+        tokenizer = server.require_tokenizer("model")
+
+        def run() -> Response:
+            def token(token_id: int | None) -> str | None:
+                return None if token_id is None else tokenizer.backend.id_to_token(token_id)
+
+            info = {"model": served_model_name, "vocab_size": tokenizer.vocab_size,
+                    "model_vocab_size": async_engine.engine.model_config.vocab_size,
+                    "max_model_len": server.max_model_len}
+            for name in ("bos", "eos", "pad", "unk"):
+                token_id = getattr(tokenizer, f"{name}_token_id")
+                info[f"{name}_token_id"], info[f"{name}_token"] = token_id, token(token_id)
+            info |= {"add_bos_token": tokenizer.add_bos_token, "add_eos_token": tokenizer.add_eos_token,
+                     "stop_token_ids": sorted(tokenizer.stop_token_ids),
+                     "special_tokens": {added.content: token_id for token_id, added in
+                                        sorted(tokenizer.backend.get_added_tokens_decoder().items()) if added.special},
+                     "chat_template": tokenizer.chat_template}
+            if include_tokenizer_json:
+                info["tokenizer_json"] = json.loads(tokenizer.backend.to_str())
+            return JSONResponse(info)
+
+        return await asyncio.to_thread(run)
 
     return app
 

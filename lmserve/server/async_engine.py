@@ -8,7 +8,9 @@ while no request is unfinished. A failing `step()` fails the requests in flight,
 After every command and step the thread publishes queue and KV-cache figures for metrics and
 admission control. `reserve` counts requests as waiting before the handler's first await, and a
 request leaves that count in the same locked step in which it enters the engine's own, so the
-waiting figure is never off and admission never overshoots its limit.
+waiting figure is never off and admission never overshoots its limit. Prompt scoring
+(`prompt_logprobs`: `LLMEngine.score`) runs on the same thread between steps, once the KV cache
+has room for it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+
+import torch
 
 from lmserve.engine.llm_engine import EngineStats, LLMEngine
 from lmserve.errors import LmserveError
@@ -69,6 +73,13 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Score:
+    token_ids: list[int]
+    top_n: int
+    result: concurrent.futures.Future
+
+
 class _Stop:
     pass
 
@@ -82,6 +93,7 @@ class AsyncEngine:
         self._accepting = True
         self._pending_lock = threading.Lock()
         self._pending_adds = 0  # submitted, not yet taken by the engine thread
+        self._scores: list[_Score] = []  # engine thread only: waiting for KV blocks
         self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
 
     # ---- lifecycle (any thread) -------------------------------------------------------------
@@ -154,6 +166,18 @@ class AsyncEngine:
         """Abort a submitted request (a no-op once it has finished)."""
         self._commands.put(_Abort(request_id))
 
+    def prompt_logprobs(self, token_ids: list[int], top_n: int = 0) -> Awaitable[list[dict[int, float] | None]]:
+        """Per token of `token_ids` its log-probability given the tokens before it, as
+        `{token: logprob}` plus the `top_n` most likely tokens there (None for the first token):
+        `LLMEngine.score` run on the engine thread between steps. Raises `LmserveError` for ids
+        outside the vocabulary or over the context limit."""
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        if self.is_alive:
+            self._commands.put(_Score(list(token_ids), top_n, result))
+        else:
+            result.set_exception(EngineUnavailableError("the server is shutting down"))
+        return asyncio.wrap_future(result)
+
     async def _outputs(self, request_id: str, stream: _Stream, accepted: concurrent.futures.Future,
                        timeout: float | None, deadline: float | None) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
@@ -184,9 +208,10 @@ class AsyncEngine:
     def _run(self) -> None:
         while True:
             try:
-                idle = not self.engine.has_unfinished_requests()
+                idle = not self.engine.has_unfinished_requests() and not self._scores
                 if not self._handle_commands(block=idle):
                     return
+                self._run_scores()
                 if self.engine.has_unfinished_requests():
                     self._step()
                 self._publish_stats()
@@ -209,6 +234,8 @@ class AsyncEngine:
             if isinstance(command, _Add):
                 self._add(command)
                 self._publish_stats(taken=1)
+            elif isinstance(command, _Score):
+                self._scores.append(command)
             else:
                 self.engine.abort_request(command.request_id)
                 self._streams.pop(command.request_id, None)
@@ -226,14 +253,42 @@ class AsyncEngine:
         command.accepted.set_result(None)
 
     def _drain_after_stop(self) -> None:
-        """Refuse adds that raced with the stop so no handler waits forever."""
+        """Refuse adds and scores that raced with the stop so no handler waits forever."""
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
+                break
             if isinstance(command, _Add) and command.accepted.set_running_or_notify_cancel():
                 command.accepted.set_exception(EngineUnavailableError("the server is shutting down"))
+            elif isinstance(command, _Score):
+                self._scores.append(command)
+        for command in self._scores:
+            if command.result.set_running_or_notify_cancel():
+                command.result.set_exception(EngineUnavailableError("the server is shutting down"))
+        self._scores.clear()
+
+    def _run_scores(self) -> None:
+        """Score the prompts waiting for it; while requests run, only those whose KV blocks are
+        free now (the rest wait for a later step; alone, a prompt that does not fit fails)."""
+        if not self._scores:
+            return
+        busy = self.engine.has_unfinished_requests()
+        blocks = self.engine.block_manager
+        waiting = []
+        for command in self._scores:
+            n = len(command.token_ids)
+            if busy and n <= self.engine.max_model_len and blocks.blocks_for(n) > blocks.num_free_blocks:
+                waiting.append(command)
+                continue
+            if not command.result.set_running_or_notify_cancel():
+                continue  # the handler went away
+            try:
+                logits = self.engine.score(command.token_ids)
+                command.result.set_result(logprobs_of_logits(logits, command.token_ids, command.top_n))
+            except Exception as exc:
+                command.result.set_exception(exc)
+        self._scores = waiting
 
     def _step(self) -> None:
         try:
@@ -263,3 +318,26 @@ class AsyncEngine:
         with self._pending_lock:
             self.stats = stats
             self._pending_adds -= taken
+
+
+def logprobs_of_logits(logits: torch.Tensor, token_ids: list[int], top_n: int,
+                       rows: int = 512) -> list[dict[int, float] | None]:
+    """Per token of `token_ids`, from the logits at every position (`LLMEngine.score`), its
+    log-probability and the `top_n` best ones at that position: `{token: logprob}`; None for the
+    first token, which nothing predicts. Computed `rows` positions at a time, so that a long
+    prompt needs no second copy of its logits."""
+    entries: list[dict[int, float] | None] = [None]
+    for start in range(0, len(token_ids) - 1, rows):
+        logprobs = torch.log_softmax(logits[start:start + rows][: len(token_ids) - 1 - start].float(), dim=-1)
+        targets = token_ids[start + 1:start + 1 + logprobs.shape[0]]
+        chosen = logprobs.gather(1, torch.tensor(targets, dtype=torch.long, device=logprobs.device)[:, None])
+        top_ids: list[list[int]] = [[] for _ in targets]
+        top_values: list[list[float]] = [[] for _ in targets]
+        if top_n:
+            values, ids = logprobs.topk(min(top_n, logprobs.shape[-1]), dim=-1)
+            top_ids, top_values = ids.tolist(), values.tolist()
+        for token, logprob, ids, values in zip(targets, chosen[:, 0].tolist(), top_ids, top_values):
+            entry = dict(zip(ids, values))
+            entry[token] = logprob
+            entries.append(entry)
+    return entries
