@@ -148,7 +148,7 @@ def parse_bytes(value: int | str, field_name: str) -> int:
     return result
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft")
 
 
 @dataclass
@@ -156,7 +156,9 @@ class SpeculativeConfig:
     """Speculative decoding: a proposer guesses `num_speculative_tokens` tokens per running
     sequence and the model verifies them in the same step. "ngram": prompt lookup, the tokens
     that followed the latest earlier occurrence of the sequence's last `ngram_max` (down to
-    `ngram_min`) tokens. A step verifies at most `max_verify_rows` rows (running sequences x
+    `ngram_min`) tokens. "draft": a smaller model `model` with the same vocabulary (loaded with
+    `quantization`, by default its file's packed formats) samples them, with a KV cache of its
+    own as many tokens long as the target's. A step verifies at most `max_verify_rows` rows (running sequences x
     (1 + proposals)): with more running sequences each gets fewer proposals, and none once one
     each would not fit. Measured with benchmarks/bench_speculative.py on SmolLM2 (2 cores): 1.7-2.2x
     at batch 1, about 1x at 8 sequences with 3-7 rows each, so the default of 16 rows gives 8
@@ -168,6 +170,8 @@ class SpeculativeConfig:
     ngram_max: int = 4
     ngram_min: int = 2
     max_verify_rows: int = 16
+    model: str | None = None  # the draft model (method "draft"): a .gguf file, a directory or a short name
+    quantization: str = "auto"  # how the draft model's weights are loaded (EngineConfig.quantization)
 
     def __post_init__(self):
         if self.method not in SPECULATIVE_METHODS:
@@ -179,6 +183,14 @@ class SpeculativeConfig:
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise InvalidParameterError(f"speculative.{name}", f"must be an integer in [{low}, {high}], "
                                                                    f"got {value!r}")
+        if (self.method == "draft") != (self.model is not None):
+            raise InvalidParameterError("speculative.model", "names the draft model, which method \"draft\" "
+                                                             "needs and only it takes")
+        if self.model is not None and not isinstance(self.model, str):
+            raise InvalidParameterError("speculative.model", f"must be a path or model name, got {self.model!r}")
+        if self.quantization not in QUANTIZATION_MODES:
+            raise InvalidParameterError("speculative.quantization", f"must be one of {', '.join(QUANTIZATION_MODES)};"
+                                                                    f" got {self.quantization!r}")
         if self.ngram_min > self.ngram_max:
             raise InvalidParameterError("speculative.ngram_min", f"{self.ngram_min} exceeds ngram_max "
                                                                  f"({self.ngram_max})")

@@ -20,9 +20,9 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9], [40, 41, 42, 40, 41, 42, 40, 
 
 def test_ngram_proposer_copies_after_the_latest_earlier_occurrence():
     proposer = NgramProposer(ngram_min=1, ngram_max=3)
-    assert proposer.propose([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3) == [7, 5, 1]
-    assert proposer.propose([1, 2, 3, 4], 2) == []  # no earlier occurrence of any suffix
-    assert proposer.propose([4, 1, 2, 4], 5) == [1, 2, 4]  # n = 1 fallback, cut at the end
+    assert proposer.lookup([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3) == [7, 5, 1]
+    assert proposer.lookup([1, 2, 3, 4], 2) == []  # no earlier occurrence of any suffix
+    assert proposer.lookup([4, 1, 2, 4], 5) == [1, 2, 4]  # n = 1 fallback, cut at the end
 
 
 def _greedy(llm, params):

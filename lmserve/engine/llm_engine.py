@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from lmserve.config import EngineConfig
+from lmserve.config import EngineConfig, SpeculativeConfig
 from lmserve.engine.beam_search import record_beam_logprobs
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.input_processor import InputProcessor
@@ -30,7 +30,8 @@ from lmserve.engine.model_builder import (build_model, common_sliding_window, co
 from lmserve.engine.model_runner import ModelRunner
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.parallel_sampling import Forker
-from lmserve.engine.sampler import Sampler, SamplingRow
+from lmserve.engine.draft_model import DraftModelProposer
+from lmserve.engine.sampler import Sampler, SamplingRow, probabilities
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.speculative import SpecStats, Speculator
 from lmserve.engine.scoring import score_sequence
@@ -83,10 +84,24 @@ class LLMEngine:
         self.structured = StructuredOutputManager(self.tokenizer, cfg.vocab_size, self.stop_token_ids)
         self.inputs = InputProcessor(self.tokenizer, cfg, engine_config, self.max_model_len, self.stop_token_ids,
                                      self.structured)
-        self.outputs = OutputProcessor(self.tokenizer, self.stop_token_ids, self.max_model_len, self.scheduler.remove)
+        self.outputs = OutputProcessor(self.tokenizer, self.stop_token_ids, self.max_model_len, self._release)
         self.forker = Forker(self.inputs.new_sequence, self.scheduler)
-        spec = engine_config.speculative
-        self.speculator = Speculator(spec, self.max_model_len) if spec is not None else None
+        self.speculator = self._speculator(engine_config.speculative, num_blocks)
+
+    def _speculator(self, spec: SpeculativeConfig | None, num_blocks: int) -> Speculator | None:
+        if spec is None:
+            return None
+        proposer = None
+        if spec.method == "draft":
+            proposer = DraftModelProposer(spec, self.config, self.model_config, self.tokenizer, num_blocks,
+                                          self.max_model_len)
+        return Speculator(spec, self.max_model_len, proposer)
+
+    def _release(self, seq: Sequence) -> None:
+        """A finished sequence leaves the scheduler (its KV blocks are freed) and the proposer."""
+        self.scheduler.remove(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -156,16 +171,22 @@ class LLMEngine:
                 owners.append(seq)
         if logit_rows != list(range(logits.shape[0])):
             logits = logits[logit_rows]
-        result = self.sampler(logits, rows, [self.stop_token_ids | set(s.params.stop_token_ids or ())
-                                             for s in owners])
+        stops = [self.stop_token_ids | set(s.params.stop_token_ids or ()) for s in owners]
+        result = self.sampler(logits, rows, stops)
         now = time.perf_counter()
         row = 0
         for seq in sampling:
             tokens = result.token_ids[row: row + len(seq.spec_token_ids) + 1]
-            if seq.spec_token_ids:
+            logprobs = result.logprobs[row: row + len(tokens)]
+            if seq.spec_draft_probs is not None and not seq.params.greedy:
+                verify = slice(row, row + len(tokens))
+                tokens = self.speculator.rejection_sample(seq, probabilities(logits[verify], rows[verify],
+                                                                             stops[verify]))
+                logprobs = _raw_logprobs(logits[row: row + len(tokens)], tokens)
+            elif seq.spec_token_ids:
                 tokens = self.speculator.accepted_tokens(seq.spec_token_ids, tokens)
             for j, token in enumerate(tokens):
-                self.outputs.append_token(seq, token, result.logprobs[row + j], result.top_logprobs[row + j])
+                self.outputs.append_token(seq, token, logprobs[j], result.top_logprobs[row + j])
                 if seq.is_finished:
                     break
             row += len(seq.spec_token_ids) + 1
@@ -197,7 +218,7 @@ class LLMEngine:
         if seq.grammar is None:
             return None
         if masks is not None and seq in masks[0]:
-            return masks[1].result()[masks[0][seq]]
+            return self.structured.result(masks[1])[masks[0][seq]]
         return self.structured.masks([seq.grammar])[0]  # a sample forked this step: not submitted
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
@@ -205,3 +226,9 @@ class LLMEngine:
         position i predict token i + 1), computed by the same runner as generation."""
         return score_sequence(self.inputs.scoring_sequence(token_ids), self.block_manager, self.runner,
                               self.config.max_num_batched_tokens)
+
+
+def _raw_logprobs(logits: torch.Tensor, tokens: list[int]) -> list[float]:
+    """Each row's log-probability of its token under the model's unprocessed distribution."""
+    chosen = logits.float().gather(1, torch.tensor(tokens, device=logits.device).unsqueeze(1)).squeeze(1)
+    return (chosen - torch.logsumexp(logits.float(), dim=-1)).tolist()

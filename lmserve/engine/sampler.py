@@ -60,6 +60,14 @@ class Sampler:
         return _gather_output(logits, token_ids, rows, log_norm)
 
 
+def probabilities(logits: torch.Tensor, rows: list[SamplingRow],
+                  stop_token_ids_per_row: list[set[int]] | None = None) -> torch.Tensor:
+    """The distributions the sampler draws from for (non-greedy) `rows`: penalties, masks and
+    filters applied, softmax. [B, V] float32."""
+    processed = apply_penalties(logits.float(), rows, stop_token_ids_per_row)
+    return torch.softmax(apply_filters(processed, [r.params for r in rows]), dim=-1)
+
+
 # ---- penalties (all rows, greedy included) -------------------------------------------------------
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow],

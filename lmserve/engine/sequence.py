@@ -47,6 +47,7 @@ class Sequence:
     num_emitted_chars: int = 0
     beam_logprobs: object | None = None  # beam search: next-token log-probs awaiting the request's beam step
     spec_token_ids: list[int] = field(default_factory=list)  # proposed tokens the next step verifies
+    spec_draft_probs: torch.Tensor | None = None  # [k, V] the draft's q for each proposal (sampled drafts)
     grammar: object | None = None  # structured_output.GrammarMatcher of a constrained request
 
     @property

@@ -36,9 +36,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="show start-up logs (also accepted before the command)")
     p.add_argument("--speculative-method", default=None, choices=SPECULATIVE_METHODS,
-                   help="speculative decoding: ngram (prompt lookup) proposes tokens the model verifies in one step")
+                   help="speculative decoding: ngram (prompt lookup) or draft (a smaller model, "
+                        "--speculative-model) proposes tokens the model verifies in one step")
+    p.add_argument("--speculative-model", default=None,
+                   help="the draft model for --speculative-method draft (same vocabulary as the model)")
     p.add_argument("--num-speculative-tokens", type=int, default=None,
-                   help="tokens proposed per step with --speculative-method (default 3)")
+                   help="tokens proposed per step with --speculative-method (default 4)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -138,10 +141,13 @@ def _llm(args):
 
 def _speculative(args) -> dict | None:
     if args.speculative_method is None:
-        if args.num_speculative_tokens is not None:
-            raise InvalidParameterError("num-speculative-tokens", "needs --speculative-method")
+        for flag in ("num_speculative_tokens", "speculative_model"):
+            if getattr(args, flag) is not None:
+                raise InvalidParameterError(flag.replace("_", "-"), "needs --speculative-method")
         return None
     options = {"method": args.speculative_method}
+    if args.speculative_model is not None:
+        options["model"] = args.speculative_model
     if args.num_speculative_tokens is not None:
         options["num_speculative_tokens"] = args.num_speculative_tokens
     return options
