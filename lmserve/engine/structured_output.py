@@ -167,7 +167,9 @@ class StructuredOutputManager:
         self._backend: GrammarBackend | None = None
         self._worker: ThreadPoolExecutor | None = None
         self.mask_seconds = 0.0  # time spent computing masks (on the worker thread)
-        self.num_masks = 0
+        self.num_masks = 0  # sequence masks computed
+        self.num_batches = 0  # mask batches computed (one per step with constrained rows, plus forks)
+        self.wait_seconds = 0.0  # time the engine thread waited for a submitted batch (not hidden by the forward)
 
     @property
     def backend(self) -> GrammarBackend:
@@ -186,6 +188,13 @@ class StructuredOutputManager:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-grammar")
         return self._worker.submit(self.masks, matchers)
 
+    def result(self, future: Future) -> torch.Tensor:
+        """The bitmask `submit` started, waiting for it if the worker is not done (counted in wait_seconds)."""
+        start = time.perf_counter()
+        bitmask = future.result()
+        self.wait_seconds += time.perf_counter() - start
+        return bitmask
+
     def masks(self, matchers: list[GrammarMatcher]) -> torch.Tensor:
         start = time.perf_counter()
         bitmask = torch.zeros(len(matchers), bitmask_words(self.vocab_size), dtype=torch.int32)
@@ -193,4 +202,5 @@ class StructuredOutputManager:
             self.backend.fill_masks(matchers, bitmask)
         self.mask_seconds += time.perf_counter() - start
         self.num_masks += len(matchers)
+        self.num_batches += 1
         return bitmask
