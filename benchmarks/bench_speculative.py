@@ -1,10 +1,15 @@
-"""Speculative decoding (n-gram prompt lookup) against plain decoding on the embedded SmolLM2
-(Q4_1, packed), on copy-heavy chat prompts (repeat / correct / quote a paragraph), greedy, at
-batch 1 and 8, for k = 2, 4, 6 proposed tokens per step (at most 16 verification rows a step, the
-engine's default, and once without that cap). Both engines load once and run in this
-one process, alternating run by run, best of `--repeats` each; outputs are checked to be equal token for token.
+"""Speculative decoding against plain decoding on the embedded SmolLM2, on copy-heavy chat
+prompts (repeat / correct a paragraph), greedy, at batch 1 and 8, for k = 2, 4, 6 proposed
+tokens per step (at most 16 verification rows a step, the engine's default, and once without
+that cap). Both engines load once and run in this one process, alternating run by run, best of
+`--repeats` each; outputs are checked to be equal token for token.
 
-    .venv/bin/python benchmarks/bench_speculative.py [--threads 2] [--max-tokens 128] [--repeats 2]
+--method ngram (default): prompt lookup on the Q4_1 model as packed in its file.
+--method draft: the target is SmolLM2 unquantized (fp32, `quantization="none"`), the draft the
+same file packed (Q4_1): the exact fp32 model's output at close to the packed model's speed. The
+packed model's own plain speed is printed for reference.
+
+    .venv/bin/python benchmarks/bench_speculative.py [--method ngram|draft] [--threads 2] [--max-tokens 128]
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import time
 
 from lmserve import LLM, SamplingParams
+from lmserve.default_model import DEFAULT_MODEL, resolve_embedded
 from lmserve.quant.native import describe_cpu
 
 PARAGRAPHS = [
@@ -51,17 +57,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--method", choices=("ngram", "draft"), default="ngram")
     args = parser.parse_args()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
-    plain = LLM(threads=args.threads, kv_cache_memory="128MiB")
+    common = {"threads": args.threads, "kv_cache_memory": "128MiB"}
+    method = {"method": "ngram"}
+    if args.method == "draft":
+        common["quantization"] = "none"
+        method = {"method": "draft", "model": resolve_embedded(DEFAULT_MODEL)}
+    plain = LLM(**common)
     # k proposals per sequence, capped by the engine's default of 16 verification rows per step;
     # the last one uncapped, to show what the cap avoids
     configs = {f"{k}": {"num_speculative_tokens": k} for k in (2, 4, 6)}
     configs["6, uncapped"] = {"num_speculative_tokens": 6, "max_verify_rows": 1024}
-    spec = {label: LLM(threads=args.threads, kv_cache_memory="128MiB", speculative={"method": "ngram", **options})
-            for label, options in configs.items()}
-    print(f"CPU: {describe_cpu()}; {args.threads} threads; SmolLM2-135M-Instruct Q4_1, greedy, "
-          f"max_tokens {args.max_tokens}")
+    spec = {label: LLM(**common, speculative={**method, **options}) for label, options in configs.items()}
+    target = "fp32 (unquantized), draft: the same file Q4_1 packed" if args.method == "draft" else "Q4_1"
+    print(f"CPU: {describe_cpu()}; {args.threads} threads; SmolLM2-135M-Instruct {target}; {args.method}; "
+          f"greedy, max_tokens {args.max_tokens}")
+    if args.method == "draft":
+        packed = LLM(threads=args.threads, kv_cache_memory="128MiB")
+        for batch in (1, 8):
+            rate, _ = timed(packed, conversations(batch), params, args.repeats)
+            print(f"packed Q4_1 model alone, batch {batch}: {rate:.1f} tok/s")
+        del packed
     print("| batch | k | plain tok/s | speculative tok/s | speedup | acceptance | accepted / step | same tokens |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for batch in (1, 8):
