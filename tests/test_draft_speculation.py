@@ -16,7 +16,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9], [40, 41, 42, 40, 41, 42, 40, 
 
 
 def _draft(directory, k=4, **extra):
-    return {"method": "draft", "model": str(directory), "num_speculative_tokens": k, "max_verify_rows": 128, **extra}
+    return {"method": "draft", "model": str(directory), "num_speculative_tokens": k, "max_verify_rows": 1024, **extra}
 
 
 def _draft_blocks(llm) -> int:
@@ -138,3 +138,15 @@ def test_a_draft_with_another_vocabulary_is_refused(tiny_model_factory, target_a
     with pytest.raises(InvalidParameterError) as info:
         LLM(str(target), speculative={"method": "draft"})
     assert info.value.field == "speculative.model"
+
+
+def test_a_draft_stays_off_when_the_row_cap_leaves_too_few_proposals(tiny_model_factory):
+    """Default cap of 16 verification rows: 2 sequences get 4 proposals each, 8 would get 1 each,
+    which costs more than it saves (DRAFT_MIN_PROPOSALS), so they get none."""
+    target, _ = tiny_model_factory("llama_gqa")
+    llm = LLM(str(target), dtype="float32", speculative={"method": "draft", "model": str(target)})
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    llm.generate([[5, 6, 7]] * 8, params, use_tqdm=False)
+    assert llm.engine.stats().spec.num_proposed == 0
+    llm.generate([[5, 6, 7]] * 2, params, use_tqdm=False)
+    assert llm.engine.stats().spec.num_proposed > 0

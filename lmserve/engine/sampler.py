@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmserve.engine.structured_output import allowed_tokens
+from lmserve.engine.structured_output import forbidden_tokens
 from lmserve.quant import native
 from lmserve.sampling_params import SamplingParams
 
@@ -187,9 +187,12 @@ def _mask_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow],
 
 def _apply_token_masks(logits: torch.Tensor, row_ids: list[int], masks: list[torch.Tensor]) -> None:
     """Send the tokens a row's bitmask forbids to -inf."""
+    forbidden = forbidden_tokens(torch.stack(masks).to(logits.device), logits.shape[1])
+    if len(row_ids) == logits.shape[0]:  # every row constrained: in place, no gather / scatter
+        logits.masked_fill_(forbidden, float("-inf"))
+        return
     index = torch.tensor(row_ids, device=logits.device)
-    allowed = allowed_tokens(torch.stack(masks).to(logits.device), logits.shape[1])
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
 
 
 # ---- filters (non-greedy rows only) --------------------------------------------------------------

@@ -36,6 +36,12 @@ from lmserve.engine.sequence import Sequence
 
 logger = logging.getLogger("lmserve")
 
+# A draft model speculates only when the row cap leaves each sequence at least this many
+# proposals (or all k asked for): measured with benchmarks/bench_speculative.py --method draft
+# (SmolLM2 fp32 target, Q4_1 draft, 2 cores): 2 proposals per sequence were 0.93x at batch 1, and
+# 1 each at batch 8 was 0.82x, while 4 at batch 1 gave 1.8x.
+DRAFT_MIN_PROPOSALS = 3
+
 
 class NgramProposer:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's
@@ -97,7 +103,10 @@ class Speculator:
     def propose(self, running: list[Sequence]) -> None:
         """Fill `spec_token_ids` of the running sequences that may speculate this step."""
         start = time.perf_counter()
-        per_seq = min(self.config.num_speculative_tokens, self.config.max_verify_rows // max(1, len(running)) - 1)
+        k = self.config.num_speculative_tokens
+        per_seq = min(k, self.config.max_verify_rows // max(1, len(running)) - 1)
+        if self.config.method == "draft" and per_seq < min(k, DRAFT_MIN_PROPOSALS):
+            per_seq = 0  # a draft round for so few proposals costs more than it saves
         eligible = []
         for seq in running:
             seq.spec_token_ids, seq.spec_draft_probs = [], None

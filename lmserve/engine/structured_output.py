@@ -62,11 +62,13 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[N, words] int32 bitmask → [N, vocab_size] bool (True = allowed)."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+_BITS = (torch.ones(32, dtype=torch.int64) << torch.arange(32)).to(torch.int32)  # bit j of a word
+
+
+def forbidden_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[N, words] int32 bitmask → [N, vocab_size] bool, True where the token is not allowed."""
+    clear = (bitmask.unsqueeze(-1) & _BITS.to(bitmask.device)) == 0
+    return clear.view(bitmask.shape[0], -1)[:, :vocab_size]
 
 
 # ---- llguidance ----------------------------------------------------------------------------------
