@@ -75,22 +75,28 @@ def target_and_draft(tmp_path_factory):
     return target_dir, draft_dir, target_logits, draft_logits
 
 
-def _distribution(logits: torch.Tensor, temperature: float, top_k: int) -> np.ndarray:
+def _distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float = 1.0) -> np.ndarray:
     scaled = logits / temperature
     if top_k:
         scaled = scaled.masked_fill(scaled < scaled.topk(top_k).values[-1], float("-inf"))
-    return torch.softmax(scaled, dim=0).numpy()
+    probs = torch.softmax(scaled, dim=0)
+    if top_p < 1.0:  # keep the smallest most-likely set whose mass reaches top_p
+        ordered, order = probs.sort(descending=True)
+        keep = (torch.cumsum(ordered, 0) - ordered) < top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], ordered[keep])
+        probs /= probs.sum()
+    return probs.numpy()
 
 
-@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 5)])
-def test_sampled_tokens_follow_the_target_not_the_draft(target_and_draft, temperature, top_k):
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.8)])
+def test_sampled_tokens_follow_the_target_not_the_draft(target_and_draft, temperature, top_k, top_p):
     target_dir, draft_dir, target_logits, draft_logits = target_and_draft
-    p = _distribution(target_logits, temperature, top_k)
-    q = _distribution(draft_logits, temperature, top_k)
+    p = _distribution(target_logits, temperature, top_k, top_p)
+    q = _distribution(draft_logits, temperature, top_k, top_p)
     assert 0.5 * np.abs(p - q).sum() > 0.3  # the draft really is a different distribution
     llm = LLM(str(target_dir), dtype="float32", speculative=_draft(draft_dir), max_num_seqs=64)
-    params = [SamplingParams(max_tokens=24, temperature=temperature, top_k=top_k, seed=i, ignore_eos=True)
-              for i in range(64)]
+    params = [SamplingParams(max_tokens=24, temperature=temperature, top_k=top_k, top_p=top_p, seed=i,
+                             ignore_eos=True) for i in range(64)]
     outputs = llm.generate([[3, 4, 5]] * 64, params, use_tqdm=False)
     tokens = np.array([t for o in outputs for t in o.outputs[0].token_ids[1:]])  # [0] is the prefill's
     stats = llm.engine.stats().spec
@@ -150,3 +156,24 @@ def test_a_draft_stays_off_when_the_row_cap_leaves_too_few_proposals(tiny_model_
     assert llm.engine.stats().spec.num_proposed == 0
     llm.generate([[5, 6, 7]] * 2, params, use_tqdm=False)
     assert llm.engine.stats().spec.num_proposed > 0
+
+
+def test_sampled_n_with_penalties_reports_the_models_own_logprobs(tiny_model_factory):
+    """n = 2 samples with a repetition penalty and stop strings through draft verification: the
+    logprob reported for each token (also those drawn from the residual on rejection) is the
+    target model's raw log-probability of it, as scoring the same tokens gives."""
+    target, _ = tiny_model_factory("llama_gqa")
+    draft, _ = tiny_model_factory("llama_mqa_tied")
+    llm = LLM(str(target), dtype="float32", speculative=_draft(draft))
+    params = SamplingParams(n=2, max_tokens=20, temperature=0.9, seed=5, repetition_penalty=1.3, logprobs=1,
+                            ignore_eos=True)
+    prompt = PROMPTS[0]
+    output = llm.generate([prompt], params, use_tqdm=False)[0]
+    stats = llm.engine.stats().spec
+    assert len(output.outputs) == 2 and stats.num_proposed > stats.num_accepted > 0
+    for sample in output.outputs:
+        tokens = prompt + sample.token_ids
+        expected = torch.log_softmax(llm.engine.score(tokens), dim=-1)
+        for i, token in enumerate(sample.token_ids):
+            assert sample.logprobs[i][token] == pytest.approx(float(expected[len(prompt) - 1 + i, token]), abs=1e-4)
+    assert _draft_blocks(llm) == 0
