@@ -1,4 +1,5 @@
-"""The OpenAI-compatible FastAPI app: routes, error mapping, API-key check, admission and SSE.
+"""The OpenAI-compatible FastAPI app: routes, error handlers, admission and SSE (the API-key and
+body-size guard and `ApiError` are in `middleware.py`, the OpenAPI corrections in `openapi.py`).
 
 `build_app` wraps an engine in an `AsyncEngine` and serves `/v1/completions`,
 `/v1/chat/completions` (both optionally streamed as server-sent events), `/v1/models` (and
@@ -16,13 +17,11 @@ OpenAI's (`protocol.FINISH_REASONS`): a request cut short by the server reports 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hashlib
 import importlib.metadata
 import json
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,20 +31,21 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmserve.config import DEFAULT_MAX_WAITING, DEFAULT_REQUEST_TIMEOUT, parse_bytes
 from lmserve.engine.factory import create_engine
 from lmserve.engine.llm_engine import LLMEngine
-from lmserve.errors import ContextLengthError, InvalidParameterError, LmserveError
+from lmserve.errors import ContextLengthError, LmserveError
 from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.sampling_params import BeamSearchParams, SamplingParams
 from lmserve.server import protocol as proto
 from lmserve.server import tools
-from lmserve.server.async_engine import (AsyncEngine, EngineStepError, EngineUnavailableError,
+from lmserve.server.async_engine import (AsyncEngine, EngineUnavailableError,
                                          RequestTimeoutError)
 from lmserve.server.metrics import ServerMetrics
+from lmserve.server.middleware import ApiError, CountStatus, Guard
+from lmserve.server.openapi import openapi
 
 logger = logging.getLogger("lmserve.server")
 
@@ -55,131 +55,6 @@ try:
 except importlib.metadata.PackageNotFoundError:
     _VERSION = "unknown"
 DEFAULT_MAX_BODY_SIZE = 4 * 2**20
-
-
-class ApiError(Exception):
-    """An error answered with an OpenAI error body."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-    def body(self) -> str:
-        """The OpenAI error body as ASCII JSON, so that quoting a client's malformed text (a lone
-        surrogate) cannot make the error itself fail to encode."""
-        return json.dumps(proto.error_body(self.message, self.type, self.param, self.code))
-
-    def response(self) -> Response:
-        return Response(self.body(), self.status, headers=self.headers, media_type="application/json")
-
-    @classmethod
-    def of(cls, exc: BaseException, prompt_param: str = "prompt") -> ApiError:
-        """Map an engine-side exception to its HTTP error."""
-        if isinstance(exc, ApiError):
-            return exc
-        if isinstance(exc, ContextLengthError):
-            param = prompt_param if exc.field == "prompt" else exc.field
-            return cls(400, str(exc), param=param, code="context_length_exceeded")
-        if isinstance(exc, InvalidParameterError):
-            param = prompt_param if exc.field == "prompt" else exc.field
-            return cls(400, str(exc), param=param)
-        if isinstance(exc, RequestTimeoutError):
-            return cls(504, str(exc), "timeout_error", code="timeout")
-        if isinstance(exc, EngineUnavailableError):
-            return cls(503, str(exc), "service_unavailable_error")
-        if isinstance(exc, LmserveError):
-            return cls(400, str(exc))
-        if isinstance(exc, EngineStepError):
-            return cls(500, str(exc), "server_error")
-        logger.error("internal error", exc_info=exc)
-        return cls(500, f"internal server error ({type(exc).__name__})", "server_error")
-
-
-class _CountStatus:
-    """ASGI middleware counting /v1 responses by status code (streaming ones when they start)."""
-
-    def __init__(self, app, metrics: ServerMetrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-            return await self.app(scope, receive, send)
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                self.metrics.http_requests.labels(str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
-
-
-class _Guard:
-    """ASGI middleware in front of the routes, before any body is read: the API key (every route
-    but GET /health, and /metrics unless it is public), the body-size limit (a declared
-    Content-Length refused at once, a chunked body counted as it arrives) and, last, any
-    unexpected exception: an OpenAI 500 body instead of a re-raise that would close the connection."""
-
-    def __init__(self, app, api_key: str | None, metrics_public: bool, max_body_size: int):
-        self.app, self.api_key, self.metrics_public, self.max_body_size = app, api_key, metrics_public, max_body_size
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            headers = Headers(scope=scope)
-            self._check_key(scope, headers)
-            length = headers.get("content-length")
-            if length is None:
-                receive = await self._read_body(receive)
-            elif int(length) > self.max_body_size:
-                raise self._too_large()
-            await self.app(scope, receive, tracking_send)
-        except Exception as exc:
-            if started:  # too late for an error status; uvicorn closes an unfinished response
-                logger.error("error after the response started", exc_info=exc)
-                return
-            await ApiError.of(exc).response()(scope, receive, send)
-
-    def _check_key(self, scope, headers: Headers) -> None:
-        path = scope["path"]
-        if (self.api_key is None or (path == "/health" and scope["method"] == "GET")
-                or (path == "/metrics" and self.metrics_public)):
-            return
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-    def _too_large(self) -> ApiError:
-        return ApiError(413, f"the request body exceeds the limit of {self.max_body_size} bytes",
-                        code="request_too_large")
-
-    async def _read_body(self, receive):
-        """Read a body of undeclared length up to the limit; a `receive` that replays it first."""
-        messages, size = collections.deque(), 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            if size > self.max_body_size:
-                raise self._too_large()
-            if not message.get("more_body", False):
-                break
-
-        async def replay():
-            return messages.popleft() if messages else await receive()
-        return replay
 
 
 def _fingerprint(engine: LLMEngine) -> str:
@@ -689,149 +564,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         return ApiError(exc.status_code, str(exc.detail), type_, headers=exc.headers).response()
 
 
-# ---- OpenAPI --------------------------------------------------------------------------------------
-# FastAPI documents a 422 body for every route and JSON for every answer; the server answers a bad
-# request with 400 and an OpenAI error body, streams text/event-stream, and serves /metrics as
-# Prometheus text. `_openapi` corrects the generated schema to what the server really answers.
-
-_STRING_OR_NULL = [{"type": "string"}, {"type": "null"}]
-_ERROR_SCHEMA = {
-    "type": "object", "required": ["error"], "title": "ErrorResponse",
-    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
-        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"anyOf": _STRING_OR_NULL},
-        "code": {"anyOf": [*_STRING_OR_NULL, {"type": "integer"}]}}}},
-}
-_ERRORS = {400: "Invalid JSON, parameter or text (the OpenAI error body names the parameter)",
-           401: "Missing or incorrect API key (when the server has one)",
-           404: "No such model", 413: "Request body over the size limit",
-           429: "Too many requests waiting (Retry-After says when to try again)",
-           500: "Unexpected server error", 503: "The engine is not running",
-           504: "The request ran over the server's time limit"}
-_ANY_OBJECT = {"type": "object"}
-_MODEL_CARD = {"type": "object", "required": ["id", "object", "created", "owned_by"], "properties": {
-    "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
-    "owned_by": {"type": "string"}, "max_model_len": {"type": "integer"}}}
-
-
-def _json(schema: dict) -> dict:
-    return {"application/json": {"schema": schema}}
-
-
-def _event_stream(chunk: dict) -> dict:
-    """Server-sent events: each one's data a chunk or an error body (JSON), the last `[DONE]`."""
-    payload = {"type": "string", "contentMediaType": "application/json",
-               "contentSchema": {"anyOf": [chunk, {"$ref": "#/components/schemas/ErrorResponse"}]}}
-    return {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
-        "data": {"if": {"const": "[DONE]"}, "else": payload}}}}}
-
-
-def _model_schema(model) -> dict:
-    """A response model's JSON schema, its own definitions under "$defs" (moved to the components by
-    `_openapi`), the model itself by reference."""
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
-    defs = schema.pop("$defs", {})
-    return {"$ref": f"#/components/schemas/{model.__name__}", "$defs": {**defs, model.__name__: schema}}
-
-
-def _route_docs() -> dict[tuple[str, str], tuple[dict, tuple[int, ...]]]:
-    """(method, path) -> (the 200 answer's content, the error statuses the route can answer)."""
-    ref = "#/components/schemas/{model}"
-    generating = (400, 401, 404, 413, 429, 500, 503, 504)
-    return {
-        ("post", "/v1/completions"): ({**_json(_model_schema(proto.CompletionResponse)),
-                                       **_event_stream({"$ref": ref.format(model="CompletionResponse")})},
-                                      generating),
-        ("post", "/v1/chat/completions"): ({**_json(_model_schema(proto.ChatCompletionResponse)),
-                                            **_event_stream(_model_schema(proto.ChatCompletionChunk))}, generating),
-        ("get", "/v1/models"): (_json({"type": "object", "required": ["object", "data"], "properties": {
-            "object": {"const": "list"}, "data": {"type": "array", "items": _MODEL_CARD}}}), (401, 500)),
-        ("get", "/v1/models/{model_id}"): (_json(_MODEL_CARD), (401, 404, 500)),
-        ("get", "/health"): (_json({"type": "object", "required": ["status"], "properties": {
-            "status": {"const": "ok"}}}), (503,)),
-        ("get", "/metrics"): ({"text/plain": {"schema": {"type": "string"}}}, (401, 500)),
-        ("post", "/tokenize"): (_json({"type": "object", "required": ["tokens", "count", "max_model_len"],
-                                       "properties": {"tokens": {"type": "array", "items": {"type": "integer"}},
-                                                      "count": {"type": "integer"},
-                                                      "max_model_len": {"type": "integer"}}}),
-                                (400, 401, 404, 413, 500)),
-        ("post", "/detokenize"): (_json({"type": "object", "required": ["prompt"], "properties": {
-            "prompt": {"type": "string"}}}), (400, 401, 404, 413, 500)),
-        ("get", "/tokenizer_info"): (_json(_ANY_OBJECT), (400, 401, 500)),
-    }
-
-
-def _nullable_optionals(schema: dict, names: set[str]) -> None:
-    """Request models take null for an optional field as its default (protocol._Request): say so."""
-    for name in names:
-        model = schema.get(name, {})
-        required = set(model.get("required", ()))
-        for field, spec in model.get("properties", {}).items():
-            kinds = spec.get("anyOf", [spec])
-            if field not in required and not any(kind.get("type") == "null" for kind in kinds):
-                model["properties"][field] = {"anyOf": [spec, {"type": "null"}], **(
-                    {"default": spec["default"]} if "default" in spec else {})}
-
-
-def _request_models(components: dict, roots: list[str]) -> set[str]:
-    """The component schemas reachable from `roots`, the request bodies'."""
-    found, todo = set(), list(roots)
-    while todo:
-        name = todo.pop()
-        if name in found or name not in components:
-            continue
-        found.add(name)
-        todo.extend(ref.rsplit("/", 1)[-1] for ref in _refs(components[name]))
-    return found
-
-
-def _refs(node) -> list[str]:
-    if isinstance(node, dict):
-        return ([node["$ref"]] if isinstance(node.get("$ref"), str) else []) + [
-            ref for value in node.values() for ref in _refs(value)]
-    if isinstance(node, list):
-        return [ref for value in node for ref in _refs(value)]
-    return []
-
-
-def _pop_defs(node) -> dict:
-    """Every "$defs" inside `node`, taken out."""
-    found = {}
-    if isinstance(node, dict):
-        found |= node.pop("$defs", {})
-        for value in node.values():
-            found |= _pop_defs(value)
-    elif isinstance(node, list):
-        for value in node:
-            found |= _pop_defs(value)
-    return found
-
-
-def _openapi(app: FastAPI) -> dict:
-    """FastAPI's OpenAPI schema, corrected: no 422, the error statuses each route answers with the
-    OpenAI error body, the 200 answers' real bodies and content types (JSON or an event stream,
-    Prometheus text for /metrics), and null accepted for optional request fields."""
-    if app.openapi_schema is not None:
-        return app.openapi_schema
-    schema = FastAPI.openapi(app)
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for name in ("HTTPValidationError", "ValidationError"):
-        components.pop(name, None)
-    components["ErrorResponse"] = _ERROR_SCHEMA
-    error = {"$ref": "#/components/schemas/ErrorResponse"}
-    bodies = []
-    for (method, path), (content, statuses) in _route_docs().items():
-        operation = schema.get("paths", {}).get(path, {}).get(method)
-        if operation is None:
-            continue
-        bodies += [ref.rsplit("/", 1)[-1] for ref in _refs(operation.get("requestBody", {}))]
-        for name, definition in _pop_defs(content).items():
-            components.setdefault(name, definition)
-        operation["responses"] = {"200": {"description": "Successful Response", "content": content}} | {
-            str(status): {"description": _ERRORS[status], "content": _json(error)} for status in statuses}
-    _nullable_optionals(components, _request_models(components, bodies))
-    return schema
-
-
 def _as_async_engine(engine: dict | LLMEngine | AsyncEngine) -> tuple[AsyncEngine, bool]:
     """The engine to serve and whether the app owns (started, and will stop) it."""
     if isinstance(engine, AsyncEngine):
@@ -860,13 +592,13 @@ def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, ap
             await asyncio.to_thread(async_engine.shutdown)
 
     app = FastAPI(title="lmserve", lifespan=lifespan)
-    app.openapi = lambda: _openapi(app)  # what the server really answers (see _openapi)
+    app.openapi = lambda: openapi(app)  # what the server really answers (see server/openapi.py)
     metrics = ServerMetrics(async_engine)
     server = _Server(async_engine, metrics, served_model_name, max_waiting, request_timeout)
     app.state.engine = async_engine
     app.state.metrics = metrics
-    app.add_middleware(_Guard, api_key=api_key, metrics_public=metrics_public, max_body_size=body_limit)
-    app.add_middleware(_CountStatus, metrics=metrics)  # outermost: counts the guard's 401 / 413 too
+    app.add_middleware(Guard, api_key=api_key, metrics_public=metrics_public, max_body_size=body_limit)
+    app.add_middleware(CountStatus, metrics=metrics)  # outermost: counts the guard's 401 / 413 too
     _install_error_handlers(app)
 
     v1 = APIRouter(prefix="/v1")
