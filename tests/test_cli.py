@@ -28,3 +28,16 @@ def test_chat_keeps_the_conversation(monkeypatch, capsys):
     messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "What is my name?"}]
     second = llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
     assert out == f"{first}\n{second}\n"
+
+
+
+def test_generate_with_a_draft_model_gives_the_plain_greedy_reply(capsys):
+    """The embedded model drafting for itself (the CLI flags reach the engine; greedy output unchanged)."""
+    args = ["generate", "What is 2+2?", "--chat", "--max-tokens", "16"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--speculative-method", "draft", "--speculative-model", "smollm2-135m",
+                        "--num-speculative-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    assert "speculation: 100% of" in captured.err  # the model drafting for itself is always right

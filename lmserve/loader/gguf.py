@@ -1,8 +1,9 @@
-"""GGUF checkpoints: hyper-parameters and tokenizer from the metadata, tensors dequantized by
-the `gguf` package and renamed to the Hugging Face names the models use. What differs between
-families (tensor names, metadata, q/k layout) comes from their descriptors in
-`lmserve.models.registry`. Before anything is built from a file, its layout (`gguf_layout`), the
-kinds of its metadata values and their agreement with its tensors (`sanity`) are checked."""
+"""GGUF checkpoints: hyper-parameters and tokenizer from the metadata, tensors decoded by
+`quant.gguf_blocks` (or dequantized by the `gguf` package) and renamed to the Hugging Face names
+the models use. What differs between families (tensor names, metadata, q/k layout) comes from
+their descriptors in `lmserve.models.registry`. The file is read by `gguf_layout.read_gguf`, which
+checks its layout as it reads; before anything is built from it, the kinds of its metadata values
+and their agreement with its tensors (`sanity`) are checked."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from lmserve.config import ModelConfig
 from lmserve.errors import InvalidParameterError, ModelLoadError
 from lmserve.loader.checkpoint import Checkpoint
-from lmserve.loader.gguf_layout import TensorSpan, check_gguf_layout
+from lmserve.loader.gguf_layout import GGUFFile, GGUFTensor, TensorSpan, read_gguf
 from lmserve.loader.sanity import check_layers, check_shapes, check_token_ids
 from lmserve.models import registry
 from lmserve.quant.gguf_blocks import PACKABLE_TYPES, decode
@@ -72,12 +73,12 @@ def _moe_settings(key: registry.GgufKey, num_layers: int, tensor_names: set[str]
     )
 
 
-def _longrope_scaling(reader, meta: dict, config: ModelConfig, path: Path) -> dict:
+def _longrope_scaling(gguf_file: GGUFFile, meta: dict, config: ModelConfig, path: Path) -> dict:
     """Phi-3's long-RoPE parameters; llama.cpp keeps the two factor lists as tensors, F32 with one
     factor per rotary frequency."""
-    factors = {t.name: np.asarray(t.data, dtype=np.float32).tolist() for t in reader.tensors
+    factors = {t.name: np.asarray(t.data, dtype=np.float32).tolist() for t in gguf_file.tensors
                if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")
-               and t.tensor_type.name == "F32" and int(t.n_elements) == config.head_dim // 2}
+               and t.tensor_type.name == "F32" and t.n_elements == config.head_dim // 2}
     if len(factors) != 2:
         raise ModelLoadError(path, f"long-RoPE needs F32 tensors 'rope_factors_long.weight' and "
                                    f"'rope_factors_short.weight' of head_dim / 2 = {config.head_dim // 2} factors")
@@ -160,26 +161,28 @@ def _check_against_tensors(config: ModelConfig, meta: dict, spans: list[TensorSp
         raise ModelLoadError(path, f"head_dim is {config.head_dim}; rotary embeddings need an even head_dim")
 
 
-def load_gguf(path: Path) -> Checkpoint:
-    from gguf import GGUFReader
+def _dequantize(tensor: GGUFTensor) -> np.ndarray:
+    """A tensor that is not kept packed, as floats in gguf-py's [outermost, ..., innermost] shape."""
+    if tensor.tensor_type.name in ("F32", "F16"):
+        return tensor.data
     from gguf.quants import dequantize
 
-    from lmserve.loader.gguf_metadata import check_metadata_types, read_gguf_metadata
+    return dequantize(tensor.data, tensor.tensor_type)
+
+
+def load_gguf(path: Path) -> Checkpoint:
+    from lmserve.loader.gguf_metadata import check_metadata_types
     from lmserve.tokenizer import Tokenizer
 
-    spans = check_gguf_layout(path)
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # the gguf package raises assorted errors on bad input
-        raise ModelLoadError(path, f"corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
-    meta = read_gguf_metadata(reader)
+    gguf_file = read_gguf(path)
+    meta = gguf_file.metadata
     check_metadata_types(meta, path)
-    types = Counter(t.tensor_type.name for t in reader.tensors)
+    types = Counter(t.tensor_type.name for t in gguf_file.tensors)
     unsupported = sorted(set(types) - SUPPORTED_TYPES)
     if unsupported:
         raise ModelLoadError(path, f"unsupported tensor type(s) {', '.join(unsupported)} "
                                    f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})")
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in gguf_file.tensors}
     arch = meta.get("general.architecture")
     try:
         family = registry.family_for_gguf(arch)
@@ -188,27 +191,27 @@ def load_gguf(path: Path) -> Checkpoint:
         raise ModelLoadError(path, str(exc)) from None
     except InvalidParameterError as exc:
         raise ModelLoadError(path, f"invalid hyper-parameter in GGUF metadata: {exc}") from None
-    _check_against_tensors(config, meta, spans, path)
+    _check_against_tensors(config, meta, gguf_file.tensors, path)
     if "rope_factors_long.weight" in names:
-        config = dataclasses.replace(config, rope_scaling=_longrope_scaling(reader, meta, config, path))
+        config = dataclasses.replace(config, rope_scaling=_longrope_scaling(gguf_file, meta, config, path))
     rope_heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads} if family.gguf_qk_interleaved else {}
 
     def iter_tensors(keep_packed: bool = False):
-        for tensor in reader.tensors:
+        for tensor in gguf_file.tensors:
             name = hf_tensor_name(tensor.name, arch)
             if name is None:
                 continue
             proj = name.split(".")[-2]
             type_name = tensor.tensor_type.name
-            if keep_packed and type_name in PACKABLE_TYPES and len(tensor.shape) == 2:
-                # GGUF lists dimensions innermost first: shape is (cols, rows)
-                packed = decode(tensor.data, type_name, (int(tensor.shape[1]), int(tensor.shape[0])))
+            if keep_packed and type_name in PACKABLE_TYPES and len(tensor.dims) == 2:
+                # GGUF lists dimensions innermost first: dims is (cols, rows)
+                packed = decode(tensor.data, type_name, (tensor.dims[1], tensor.dims[0]))
                 if proj in rope_heads:
                     packed = packed.map_rows(lambda rows: _unpermute_rope(rows, rope_heads[proj]))
                 yield name, packed
                 continue
             try:
-                array = dequantize(tensor.data, tensor.tensor_type)
+                array = _dequantize(tensor)
             except Exception as exc:
                 raise ModelLoadError(path, f"cannot decode tensor {tensor.name!r} "
                                            f"({type_name}): {exc}") from None
@@ -223,5 +226,5 @@ def load_gguf(path: Path) -> Checkpoint:
     if tokenizer.chat_template is None:
         tokenizer.chat_template = registry.family(config.architecture).chat_template
     return Checkpoint(path=str(path), format="gguf", config=config, tokenizer=tokenizer,
-                      tensor_types=dict(types), num_params=sum(int(t.n_elements) for t in reader.tensors),
+                      tensor_types=dict(types), num_params=sum(t.n_elements for t in gguf_file.tensors),
                       _iter_tensors=iter_tensors)

@@ -1,15 +1,18 @@
-"""GGUF key/value metadata as plain Python values (str, int, float, bool and lists of them),
-so the config and tokenizer builders never touch the `gguf` package's numpy-backed fields, and
-the types of the keys they read checked, so a value of the wrong kind is refused by name."""
+"""GGUF key/value metadata as plain Python values (str, int, float, bool and lists of them):
+the types of the keys lmserve reads are checked, so a value of the wrong kind is refused by name.
+`gguf_layout.read_gguf` reads the metadata of a file; `read_gguf_metadata` converts the fields of
+gguf-py's `GGUFReader` the same way (the reference the tests hold our reader to)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-from gguf import GGUFReader, GGUFValueType
-from gguf.gguf_reader import ReaderField
+from typing import TYPE_CHECKING
 
 from lmserve.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
+    from gguf.gguf_reader import ReaderField
 
 
 def _is_int(value) -> bool:
@@ -58,7 +61,7 @@ _ARCH_TYPES = {
 
 
 def read_gguf_metadata(reader: GGUFReader) -> dict[str, object]:
-    """Every metadata field of `reader`, keyed by its GGUF name."""
+    """Every metadata field of gguf-py's `reader`, keyed by its GGUF name."""
     return {name: _field_value(field) for name, field in reader.fields.items()}
 
 
@@ -85,6 +88,8 @@ def _field_value(field: ReaderField) -> object:
 
 
 def _lossy_strings(field: ReaderField) -> object:
+    from gguf import GGUFValueType
+
     def decode(index: int) -> str:
         return field.parts[index].tobytes().decode("utf-8", errors="replace")
 

@@ -132,27 +132,21 @@ class _Source:
 
 
 def _gguf_source(path: Path) -> _Source:
-    from lmserve.loader.gguf_layout import check_gguf_layout
-    from lmserve.loader.gguf_metadata import read_gguf_metadata
+    from lmserve.loader.gguf_layout import read_gguf
 
-    check_gguf_layout(path)  # counts, offsets and sizes inside the file before the reader trusts them
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # the gguf package raises assorted errors on bad input
-        raise ModelLoadError(path, f"corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
-    meta = read_gguf_metadata(reader)
+    source = read_gguf(path)  # counts, offsets and sizes checked as it reads
+    meta = source.metadata
     skipped = {"general.architecture", "general.file_type", "general.quantization_version"}
 
     def write_metadata(writer):
         for key, value in meta.items():
             if key.startswith("GGUF.") or key in skipped:
                 continue
-            types = reader.fields[key].types
-            sub_type = types[-1] if types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, value, types[0], sub_type=sub_type)
+            value_type, sub_type = source.value_types[key]
+            writer.add_key_value(key, value, value_type, sub_type=sub_type)
 
     def tensors():
-        for tensor in reader.tensors:
+        for tensor in source.tensors:
             try:
                 array = dequantize(tensor.data, tensor.tensor_type)
             except Exception as exc:
