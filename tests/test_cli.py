@@ -41,3 +41,14 @@ def test_generate_with_a_draft_model_gives_the_plain_greedy_reply(capsys):
     captured = capsys.readouterr()
     assert captured.out == plain
     assert "speculation: 100% of" in captured.err  # the model drafting for itself is always right
+
+
+def test_generate_constrained_by_flags(capsys, tmp_path):
+    assert main(["generate", "Capital of France?", "--chat", "--choice", "Paris", "--choice", "Lyon"]) == 0
+    assert capsys.readouterr().out.strip() in ("Paris", "Lyon")
+    grammar = tmp_path / "yes_no.gbnf"
+    grammar.write_text('root ::= ("yes" | "no") "!"')
+    assert main(["generate", "Is water wet?", "--chat", "--grammar", str(grammar)]) == 0
+    assert capsys.readouterr().out.strip() in ("yes!", "no!")
+    assert main(["generate", "x", "--regex", "(unclosed"]) == 2
+    assert "structured_outputs" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from lmserve.config import DEFAULT_MAX_WAITING, DEFAULT_REQUEST_TIMEOUT, SPECULATIVE_METHODS
 from lmserve.errors import InvalidParameterError, LmserveError
@@ -53,6 +54,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    constraint = p.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", default=None, metavar="FILE_OR_JSON",
+                            help="constrain the output to this JSON schema (a file, or the schema's JSON text)")
+    constraint.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
+    constraint.add_argument("--regex", default=None, help="constrain the output to match this regular expression")
+    constraint.add_argument("--choice", action="append", default=None,
+                            help="constrain the output to one of these strings (repeatable)")
+    constraint.add_argument("--grammar", default=None, metavar="FILE",
+                            help="constrain the output to a Lark or GBNF grammar in this file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +167,33 @@ def _params(args):
     from lmserve import SamplingParams
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=args.stop)
+                          seed=args.seed, stop=args.stop, structured=_structured(args))
+
+
+def _structured(args):
+    """The output constraint the flags ask for, or None."""
+    from lmserve import StructuredOutputs
+    if args.json_schema is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith("{"):
+            text = _read_text("json-schema", text)
+        return StructuredOutputs(json=text)
+    if args.json_object:
+        return StructuredOutputs(json_object=True)
+    if args.regex is not None:
+        return StructuredOutputs(regex=args.regex)
+    if args.choice is not None:
+        return StructuredOutputs(choice=args.choice)
+    if args.grammar is not None:
+        return StructuredOutputs(grammar=_read_text("grammar", args.grammar))
+    return None
+
+
+def _read_text(flag: str, path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidParameterError(flag, f"cannot read {path!r}: {exc.strerror or exc}") from None
 
 
 def _stream(llm, prompt, params) -> tuple[str, object]:
