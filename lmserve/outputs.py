@@ -16,6 +16,7 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob} incl. the sampled one
     delta_text: str = ""  # new since the previous output of this request (streaming)
     delta_token_ids: list[int] = field(default_factory=list)
+    xray: list[dict] | None = None  # X-ray token records new since the previous output (params.xray only)
 
     @property
     def finished(self) -> bool:
@@ -49,6 +50,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    xray: dict | None = None  # X-ray request record (params.xray only): prefix-cache hit, prefill steps
 
 
 @dataclass

@@ -157,6 +157,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
     speculative: bool = True  # False: this request opts out of the engine's speculative decoding
     structured: StructuredOutputs | None = None  # constrain the output (JSON schema, regex, choice, grammar)
+    xray: bool = False  # record per-token inference details for this request (engine/xray.py)
 
     def __post_init__(self) -> None:
         self._validate_lengths()
@@ -168,6 +169,7 @@ class SamplingParams:
         self.skip_special_tokens = _flag("skip_special_tokens", self.skip_special_tokens)
         self.include_stop_str_in_output = _flag("include_stop_str_in_output", self.include_stop_str_in_output)
         self.speculative = _flag("speculative", self.speculative)
+        self.xray = _flag("xray", self.xray)
         if self.structured is not None and not isinstance(self.structured, StructuredOutputs):
             raise InvalidParameterError("structured_outputs", f"must be a StructuredOutputs, got {self.structured!r}")
 

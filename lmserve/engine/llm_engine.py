@@ -37,6 +37,7 @@ from lmserve.engine.speculative import SpecStats, Speculator
 from lmserve.engine.scoring import score_sequence
 from lmserve.engine.sequence import Request, Sequence
 from lmserve.engine.structured_output import StructuredOutputManager
+from lmserve.engine import xray
 from lmserve.errors import InvalidParameterError
 from lmserve.loader import Checkpoint
 from lmserve.outputs import RequestOutput
@@ -87,6 +88,9 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, self.stop_token_ids, self.max_model_len, self._release)
         self.forker = Forker(self.inputs.new_sequence, self.scheduler)
         self.speculator = self._speculator(engine_config.speculative, num_blocks)
+        self.num_steps = 0  # engine steps run (the X-ray's and the timeline's step index)
+        self.xray_requests: set[str] = set()  # live requests with params.xray (engine/xray.py)
+        self.timeline = xray.Timeline()  # recent steps' composition, while watched
 
     def _speculator(self, spec: SpeculativeConfig | None, num_blocks: int) -> Speculator | None:
         if spec is None:
@@ -115,10 +119,13 @@ class LLMEngine:
         request = self.inputs.make_request(request_id, prompt, params)
         self.scheduler.add(request.seqs[0])
         self.requests[request_id] = request
+        if getattr(request.params, "xray", False):
+            self.xray_requests.add(request_id)
         return request_id
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
+        self.xray_requests.discard(request_id)
         if request is None:
             return
         for seq in request.seqs:
@@ -142,11 +149,20 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
+        started = time.perf_counter()
         scheduled = self.scheduler.schedule()
+        step = self.num_steps
+        self.num_steps += 1
+        timeline = self.timeline.begin(scheduled, step, self.scheduler.num_preemptions) \
+            if self.timeline.active else None
+        if self.xray_requests:
+            xray.record_schedule(scheduled, step, started)
         masks = self._start_token_masks(scheduled)
         logits = self.runner.execute(scheduled)
         if logits is None:
             return []
+        if self.xray_requests:
+            xray.finish_prefill(scheduled, time.perf_counter())
         verifying = self.scheduler.update_from_output(scheduled)
         first_rows = np.cumsum([0] + [r.num_logits for r in verifying])[:-1].tolist()  # logits rows
         touched: dict[str, Request] = {}
@@ -173,6 +189,10 @@ class LLMEngine:
             logits = logits[logit_rows]
         stops = [self.stop_token_ids | set(s.params.stop_token_ids or ()) for s in owners]
         result = self.sampler(logits, rows, stops)
+        records = None
+        if self.xray_requests:
+            wanted = [i for i, seq in enumerate(owners) if seq.params.xray]
+            records = xray.token_records(logits, rows, stops, result.token_ids, wanted) if wanted else None
         now = time.perf_counter()
         row = 0
         for seq in sampling:
@@ -186,6 +206,8 @@ class LLMEngine:
             elif seq.spec_token_ids:
                 tokens = self.speculator.accepted_tokens(seq.spec_token_ids, tokens)
             for j, token in enumerate(tokens):
+                if records is not None and row + j in records:  # before a finish frees its blocks
+                    xray.attach(seq, records[row + j], token, step, len(scheduled.scheduled), now)
                 self.outputs.append_token(seq, token, logprobs[j], result.top_logprobs[row + j])
                 if seq.is_finished:
                     break
@@ -200,9 +222,12 @@ class LLMEngine:
             if request.is_finished:
                 request.finished_time = now
                 self.requests.pop(request.request_id, None)
+                self.xray_requests.discard(request.request_id)
             output = self.outputs.make_output(request)
             if output is not None:
                 outputs.append(output)
+        if timeline is not None:
+            self.timeline.end(timeline, started)
         return outputs
 
     def _start_token_masks(self, scheduled) -> tuple[dict[Sequence, int], Future] | None:

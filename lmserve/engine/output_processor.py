@@ -96,7 +96,7 @@ class OutputProcessor:
         metrics = RequestMetrics(request.arrival_time, request.first_token_time, request.finished_time,
                                  len(request.prompt_token_ids), max(len(s.output_token_ids) for s in request.seqs))
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
-                             request.is_finished, metrics)
+                             request.is_finished, metrics, request.xray)
 
     @staticmethod
     def _completion(seq: Sequence) -> CompletionOutput:
@@ -108,4 +108,7 @@ class OutputProcessor:
             delta_text=seq.text[seq.num_emitted_chars:], delta_token_ids=out_ids[seq.num_emitted_tokens:])
         seq.num_emitted_chars = len(seq.text)
         seq.num_emitted_tokens = len(out_ids)
+        if seq.xray is not None:  # X-ray requests only
+            completion.xray = seq.xray[seq.num_emitted_xray:]
+            seq.num_emitted_xray = len(seq.xray)
         return completion

@@ -49,6 +49,8 @@ class Sequence:
     spec_token_ids: list[int] = field(default_factory=list)  # proposed tokens the next step verifies
     spec_draft_probs: torch.Tensor | None = None  # [k, V] the draft's q for each proposal (sampled drafts)
     grammar: object | None = None  # structured_output.GrammarMatcher of a constrained request
+    xray: list[dict] | None = None  # X-ray token records (requests with params.xray only; engine/xray.py)
+    num_emitted_xray: int = 0
 
     @property
     def params(self) -> SamplingParams:
@@ -93,6 +95,7 @@ class Request:
     forked: bool = False  # whether the first sequence has been forked into `width`
     beam: object | None = None  # beam_search.BeamSearch state of a beam-search request
     grammar: object | None = None  # a fresh GrammarMatcher of its constraint; each sequence copies it
+    xray: dict | None = None  # X-ray request record (params.xray only): prefix-cache hit, prefill steps
 
     @property
     def pending_forks(self) -> int:

@@ -30,12 +30,14 @@ from pathlib import Path
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmserve.config import DEFAULT_MAX_WAITING, DEFAULT_REQUEST_TIMEOUT, parse_bytes
 from lmserve.engine.factory import create_engine
 from lmserve.engine.llm_engine import LLMEngine
+from lmserve.engine.xray import TIMELINE_STEPS, TIMELINE_WATCH_SECONDS
 from lmserve.errors import ContextLengthError, LmserveError
 from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.sampling_params import BeamSearchParams, SamplingParams
@@ -55,6 +57,7 @@ try:
 except importlib.metadata.PackageNotFoundError:
     _VERSION = "unknown"
 DEFAULT_MAX_BODY_SIZE = 4 * 2**20
+STATIC_DIR = Path(__file__).parent / "static"  # the playground page (served at / and /static)
 
 
 def _fingerprint(engine: LLMEngine) -> str:
@@ -116,6 +119,38 @@ class _Server:
         if self.tokenizer is None:
             return f"token_id:{token}"
         return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def special_token_ids(self) -> set[int]:
+        if not hasattr(self, "_special_ids"):
+            try:
+                added = self.tokenizer.backend.get_added_tokens_decoder().items()
+                self._special_ids = {token_id for token_id, token in added if token.special}
+            except Exception:  # no tokenizer, or one without added tokens
+                self._special_ids = set(getattr(self.tokenizer, "stop_token_ids", ()) or ())
+        return self._special_ids
+
+    def xray_tokens(self, records: list[dict] | None) -> list[dict] | None:
+        """The engine's X-ray token records (engine/xray.py) with texts: candidates as
+        [text, logprob, token id]."""
+        if records is None:
+            return None
+
+        def candidates(pairs):
+            return [[self.token_text(t), lp, t] for t, lp in pairs]
+        return [{**r, "token": self.token_text(r["token_id"]), "top": candidates(r["top"]),
+                 "top_processed": candidates(r["top_processed"])} for r in records]
+
+    def xray_prompt(self, output: RequestOutput) -> dict | None:
+        """The X-ray request record: the prompt's tokens (ids, text pieces, which are special),
+        the prefix-cache hit, the prefill steps (times in seconds since arrival)."""
+        if output.xray is None:
+            return None
+        ids = output.prompt_token_ids
+        special = self.special_token_ids()
+        engine = self.engine.engine
+        return {**output.xray, "prompt_token_ids": list(ids), "prompt_tokens": [self.token_text(t) for t in ids],
+                "special": [i for i, t in enumerate(ids) if t in special],
+                "block_size": engine.config.block_size, "num_kv_blocks": engine.block_manager.num_blocks}
 
     def token_ids(self, prompt: str | list[int]) -> str | list[int]:
         """Tokenize a text prompt here, off the engine thread. Whether it fits the context with
@@ -252,6 +287,22 @@ async def _unless_disconnected(request: Request, work: Awaitable):
     return task.result()
 
 
+class _XrayCollector:
+    """A non-streamed X-ray request's token records, gathered from every output (each holds
+    only the records new since the previous one)."""
+
+    def __init__(self):
+        self.records: dict[tuple[int, int], list[dict]] = {}
+
+    def __call__(self, i: int, output: RequestOutput) -> None:
+        for c in output.outputs:
+            if c.xray:
+                self.records.setdefault((i, c.index), []).extend(c.xray)
+
+    def tokens(self, i: int, index: int) -> list[dict]:
+        return self.records.get((i, index), [])
+
+
 def _sse(data: str) -> str:
     return f"data: {data}\n\n"
 
@@ -316,10 +367,12 @@ async def _start(request: Request, gen: _Generation, prompt_param: str):
     return items, first
 
 
-async def _run_to_end(request: Request, gen: _Generation, prompt_param: str) -> None:
+async def _run_to_end(request: Request, gen: _Generation, prompt_param: str,
+                      on_output: Callable[[int, RequestOutput], None] | None = None) -> None:
     async def collect():
-        async for _ in gen.outputs():
-            pass
+        async for i, output in gen.outputs():
+            if on_output is not None:
+                on_output(i, output)
     try:
         await _unless_disconnected(request, collect())
     except Exception as exc:
@@ -372,7 +425,8 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
         return proto.joined_logprobs(prompt_blocks[i], block) if first else block
 
     if not body.stream:
-        await _run_to_end(request, gen, "prompt")
+        records = _XrayCollector() if body.xray else None
+        await _run_to_end(request, gen, "prompt", records)
         choices = []
         for i in sorted(gen.last):
             output = gen.last[i]
@@ -380,20 +434,22 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
             for c in output.outputs:
                 choices.append(proto.CompletionChoice(index=i * n + c.index, text=prefix + c.text,
                                                       logprobs=choice_logprobs(c, 0, len(prefix), i, True),
-                                                      finish_reason=c.finish_reason))
+                                                      finish_reason=c.finish_reason,
+                                                      xray=records and server.xray_tokens(records.tokens(i, c.index))))
         return JSONResponse(proto.CompletionResponse(id=request_id, model=server.model_name, choices=choices,
-                                                     usage=gen.usage(), system_fingerprint=server.fingerprint
+                                                     usage=gen.usage(), system_fingerprint=server.fingerprint,
+                                                     xray=server.xray_prompt(gen.last[0]) if gen.last else None
                                                      ).model_dump())
 
     created = int(time.time())
 
-    def event(choices: list[proto.CompletionChoice], usage: proto.Usage | None = None) -> str:
+    def event(choices: list[proto.CompletionChoice], usage: proto.Usage | None = None, xray: dict | None = None) -> str:
         return _chunk_event(proto.CompletionResponse(id=request_id, created=created, model=server.model_name,
-                                                     choices=choices, usage=usage,
+                                                     choices=choices, usage=usage, xray=xray,
                                                      system_fingerprint=server.fingerprint), body.include_usage)
 
     def render(i: int, output: RequestOutput) -> list[str]:
-        choices = []
+        choices, prompt_xray = [], None
         for c in output.outputs:
             state = states.setdefault(i * n + c.index, _ChoiceState())
             if state.finished:
@@ -404,13 +460,15 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
             text = prefix + c.delta_text
             start = len(c.token_ids) - len(c.delta_token_ids)
             logprobs = choice_logprobs(c, start, state.chars + len(prefix), i, first)
-            if not (text or c.finish_reason or (logprobs is not None and logprobs["tokens"])):
+            if not (text or c.finish_reason or (logprobs is not None and logprobs["tokens"]) or c.xray):
                 continue
             choices.append(proto.CompletionChoice(index=i * n + c.index, text=text, logprobs=logprobs,
-                                                  finish_reason=c.finish_reason))
+                                                  finish_reason=c.finish_reason, xray=server.xray_tokens(c.xray)))
             state.chars += len(text)
             state.finished = c.finish_reason is not None
-        return [event(choices)] if choices else []
+            if first and c.index == 0:
+                prompt_xray = server.xray_prompt(output)
+        return [event(choices, xray=prompt_xray)] if choices else []
 
     def finish_abort() -> list[str]:
         return [event([proto.CompletionChoice(index=index, text="", finish_reason="length")
@@ -467,25 +525,27 @@ async def _chat(server: _Server, body: proto.ChatCompletionRequest, request: Req
         return proto.chat_logprobs(choice.token_ids[start:], choice.logprobs[start:], server.token_text, top_n)
 
     if not body.stream:
-        await _run_to_end(request, gen, "messages")
+        records = _XrayCollector() if body.xray else None
+        await _run_to_end(request, gen, "messages", records)
         output = gen.last[0]
         choices = []
         for c in output.outputs:
             content, tool_calls, finish_reason = tools.parse_choice(plan, c.text, c.finish_reason)
             choices.append(proto.ChatChoice(index=c.index, message=proto.ChatMessageOut(content=content,
                                                                                        tool_calls=tool_calls),
-                                            logprobs=logprobs(c, 0), finish_reason=finish_reason))
+                                            logprobs=logprobs(c, 0), finish_reason=finish_reason,
+                                            xray=records and server.xray_tokens(records.tokens(0, c.index))))
         return JSONResponse(proto.ChatCompletionResponse(id=request_id, model=server.model_name, choices=choices,
-                                                         usage=gen.usage(), system_fingerprint=server.fingerprint
-                                                         ).model_dump())
+                                                         usage=gen.usage(), system_fingerprint=server.fingerprint,
+                                                         xray=server.xray_prompt(output)).model_dump())
 
     created = int(time.time())
     states: dict[int, _ChoiceState] = {}
     streams: dict[int, tools.ToolCallStream] = {}
 
-    def event(choices: list[proto.ChatChunkChoice], usage: proto.Usage | None = None) -> str:
+    def event(choices: list[proto.ChatChunkChoice], usage: proto.Usage | None = None, xray: dict | None = None) -> str:
         return _chunk_event(proto.ChatCompletionChunk(id=request_id, created=created, model=server.model_name,
-                                                      choices=choices, usage=usage,
+                                                      choices=choices, usage=usage, xray=xray,
                                                       system_fingerprint=server.fingerprint), body.include_usage)
 
     def render(_: int, output: RequestOutput) -> list[str]:
@@ -496,20 +556,21 @@ async def _chat(server: _Server, body: proto.ChatCompletionRequest, request: Req
                 continue
             if not state.started:
                 state.started = True
-                events.append(event([proto.ChatChunkChoice(index=c.index,
-                                                           delta=proto.ChatDelta(role="assistant", content=""))]))
+                role = proto.ChatChunkChoice(index=c.index, delta=proto.ChatDelta(role="assistant", content=""))
+                events.append(event([role], xray=server.xray_prompt(output) if c.index == 0 else None))
             start = len(c.token_ids) - len(c.delta_token_ids)
             parts, finish_reason = ([{"content": c.delta_text}] if c.delta_text else []), c.finish_reason
             if plan is not None:  # tool calls: content held back or turned into delta.tool_calls
                 parts, finish_reason = streams.setdefault(c.index, plan.stream()).step(c.delta_text, finish_reason)
-            if not (parts or finish_reason or (c.logprobs is not None and c.delta_token_ids)):
+            if not (parts or finish_reason or (c.logprobs is not None and c.delta_token_ids) or c.xray):
                 continue
             parts = parts or [{}]
             for k, part in enumerate(parts):
                 last = k == len(parts) - 1
                 events.append(event([proto.ChatChunkChoice(index=c.index, delta=proto.ChatDelta(**part),
                                                            logprobs=logprobs(c, start) if k == 0 else None,
-                                                           finish_reason=finish_reason if last else None)]))
+                                                           finish_reason=finish_reason if last else None,
+                                                           xray=server.xray_tokens(c.xray) if k == 0 else None)]))
             state.finished = finish_reason is not None
         return events
 
@@ -624,7 +685,31 @@ def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, ap
         server.check_model(model_id)
         return model_card()
 
+    @v1.get("/engine/status")
+    async def engine_status(steps: int = 64) -> Response:
+        """Running and waiting requests, KV-cache use, prefix-cache hit rate and the last `steps`
+        engine steps' composition. Each call also keeps the engine recording its steps for
+        TIMELINE_WATCH_SECONDS more (engine/xray.py `Timeline`): nothing is recorded unwatched."""
+        if not 0 <= steps <= TIMELINE_STEPS:
+            raise ApiError(400, f"steps: must be in [0, {TIMELINE_STEPS}], got {steps}", param="steps")
+        engine = async_engine.engine
+        engine.timeline.watch()
+        stats = async_engine.stats
+        return JSONResponse({
+            "object": "engine.status", "model": served_model_name, "step": engine.num_steps,
+            "num_running": stats.num_running, "num_waiting": stats.num_waiting,
+            "kv_cache_usage": stats.kv_cache_usage, "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
+            "num_kv_blocks": engine.block_manager.num_blocks, "block_size": engine.config.block_size,
+            "max_num_seqs": engine.config.max_num_seqs, "recording_seconds": TIMELINE_WATCH_SECONDS,
+            "steps": await asyncio.to_thread(engine.timeline.last, steps)})
+
     app.include_router(v1)
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> Response:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/health")
     async def health() -> Response:

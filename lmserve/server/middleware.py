@@ -80,7 +80,7 @@ class CountStatus:
 
 class Guard:
     """ASGI middleware in front of the routes, before any body is read: the API key (every route
-    but GET /health, and /metrics unless it is public), the body-size limit (a declared
+    but GET /health, the playground's GET / and /static/*, and /metrics unless it is public), the body-size limit (a declared
     Content-Length refused at once, a chunked body counted as it arrives) and, last, any
     unexpected exception: an OpenAI 500 body instead of a re-raise that would close the connection."""
 
@@ -115,7 +115,9 @@ class Guard:
     def _check_key(self, scope, headers: Headers) -> None:
         path = scope["path"]
         if (self.api_key is None or (path == "/health" and scope["method"] == "GET")
-                or (path == "/metrics" and self.metrics_public)):
+                or (path == "/metrics" and self.metrics_public)
+                or (scope["method"] in ("GET", "HEAD") and (path == "/" or path.startswith("/static/")))):
+            # the playground page and its files hold no data: the page asks for the key itself
             return
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):

@@ -75,6 +75,7 @@ def _route_docs() -> dict[tuple[str, str], tuple[dict, tuple[int, ...]]]:
         ("post", "/detokenize"): (_json({"type": "object", "required": ["prompt"], "properties": {
             "prompt": {"type": "string"}}}), (400, 401, 404, 413, 500)),
         ("get", "/tokenizer_info"): (_json(_ANY_OBJECT), (400, 401, 500)),
+        ("get", "/v1/engine/status"): (_json(_ANY_OBJECT), (400, 401, 500)),
     }
 
 

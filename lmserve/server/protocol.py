@@ -122,6 +122,7 @@ class _SamplingRequest(_Request):
     use_beam_search: bool = False  # the n choices are the n best beams
     length_penalty: float = 1.0  # beam search only
     speculative: bool = True  # false: this request opts out of the server's speculative decoding
+    xray: bool = False  # per-token inference records in the response (`xray` fields; README "Playground")
     # structured output: OpenAI's response_format, or one of vLLM's guided_* extension fields
     response_format: ResponseFormat | None = None
     guided_json: dict | Text | None = None  # a JSON schema (object or its JSON text)
@@ -195,7 +196,8 @@ class _SamplingRequest(_Request):
             top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
             stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs, logit_bias=self.logit_bias,
-            truncate_prompt_tokens=self.truncate_prompt_tokens, speculative=self.speculative, structured=structured)
+            truncate_prompt_tokens=self.truncate_prompt_tokens, speculative=self.speculative, structured=structured,
+            xray=self.xray)
 
 
 class CompletionRequest(_SamplingRequest):
@@ -350,6 +352,7 @@ class _Response(_Body):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     system_fingerprint: str | None = None  # the serving configuration (model, weights, engine build)
+    xray: dict | None = _omitted_when_none()  # extension ("xray": true): the prompt's record, first chunk only
 
 
 def openai_finish_reason(reason: str | None) -> str | None:
@@ -361,6 +364,7 @@ class _Choice(_Body):
     index: int
     logprobs: dict | None = None
     finish_reason: Annotated[str | None, AfterValidator(openai_finish_reason)] = None
+    xray: list[dict] | None = _omitted_when_none()  # extension ("xray": true): per generated token records
 
 
 class CompletionChoice(_Choice):
