@@ -188,11 +188,12 @@ def test_server_returns_the_beams_as_choices(tiny_model_factory, tiny):
         body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 6, "n": 3, "use_beam_search": True,
                 "ignore_eos": True}
         response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
-        missing = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": None}, timeout=60)
+        defaulted = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": None}, timeout=60)
     assert response.status_code == 200, response.text
     choices = response.json()["choices"]
     assert [c["index"] for c in choices] == [0, 1, 2]
     assert [c["text"] for c in choices] == [s.text for s in expected.sequences]
     assert [c["finish_reason"] for c in choices] == [s.finish_reason for s in expected.sequences]
     assert response.json()["usage"]["completion_tokens"] == sum(len(s.token_ids) for s in expected.sequences)
-    assert missing.status_code == 400 and "use_beam_search" in missing.text
+    # null is OpenAI's default (16 tokens), as for any completion
+    assert defaulted.status_code == 200 and defaulted.json()["usage"]["completion_tokens"] == 3 * 16

@@ -29,8 +29,8 @@ def test_greedy_output_with_a_draft_equals_plain_decoding(tiny_model_factory, op
     target, _ = tiny_model_factory("llama_gqa")
     draft, _ = tiny_model_factory("llama_mqa_tied")  # another model on the same 320-token vocabulary
     params = SamplingParams(max_tokens=24, temperature=0, logprobs=2, ignore_eos=True)
-    plain = LLM(str(target), dtype="float32", **options)
-    spec = LLM(str(target), dtype="float32", speculative=_draft(draft), **options)
+    plain = LLM(str(target), dtype="float32", kv_cache_memory="64MiB", **options)
+    spec = LLM(str(target), dtype="float32", kv_cache_memory="64MiB", speculative=_draft(draft), **options)
     expected = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, params, use_tqdm=False)]
     got = [o.outputs[0].token_ids for o in spec.generate(PROMPTS, params, use_tqdm=False)]
     assert got == expected
@@ -43,7 +43,7 @@ def test_greedy_output_with_a_draft_equals_plain_decoding(tiny_model_factory, op
 
 def test_the_same_model_as_its_own_draft_accepts_everything(tiny_model_factory):
     target, _ = tiny_model_factory("llama_gqa")
-    spec = LLM(str(target), dtype="float32", speculative=_draft(target))
+    spec = LLM(str(target), dtype="float32", kv_cache_memory="64MiB", speculative=_draft(target))
     spec.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), use_tqdm=False)
     stats = spec.engine.stats().spec
     assert stats.num_proposed > 20 and stats.num_accepted == stats.num_proposed
@@ -94,7 +94,7 @@ def test_sampled_tokens_follow_the_target_not_the_draft(target_and_draft, temper
     p = _distribution(target_logits, temperature, top_k, top_p)
     q = _distribution(draft_logits, temperature, top_k, top_p)
     assert 0.5 * np.abs(p - q).sum() > 0.3  # the draft really is a different distribution
-    llm = LLM(str(target_dir), dtype="float32", speculative=_draft(draft_dir), max_num_seqs=64)
+    llm = LLM(str(target_dir), dtype="float32", kv_cache_memory="64MiB", speculative=_draft(draft_dir), max_num_seqs=64)
     params = [SamplingParams(max_tokens=24, temperature=temperature, top_k=top_k, top_p=top_p, seed=i,
                              ignore_eos=True) for i in range(64)]
     outputs = llm.generate([[3, 4, 5]] * 64, params, use_tqdm=False)
@@ -111,7 +111,7 @@ def test_sampled_tokens_follow_the_target_not_the_draft(target_and_draft, temper
 
 def test_seeded_sampling_with_a_draft_does_not_depend_on_the_batch(target_and_draft):
     target_dir, draft_dir, _, _ = target_and_draft
-    llm = LLM(str(target_dir), dtype="float32", speculative=_draft(draft_dir))
+    llm = LLM(str(target_dir), dtype="float32", kv_cache_memory="64MiB", speculative=_draft(draft_dir))
     params = SamplingParams(max_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
     alone = llm.generate([[3, 4, 5, 3, 4]], params, use_tqdm=False)[0].outputs[0].token_ids
     batch = llm.generate([[3, 4, 5, 3, 4], [6, 5, 4, 6], [3, 3, 3]],
@@ -123,7 +123,7 @@ def test_seeded_sampling_with_a_draft_does_not_depend_on_the_batch(target_and_dr
 def test_aborted_requests_give_back_the_drafts_blocks(tiny_model_factory):
     target, _ = tiny_model_factory("llama_gqa")
     draft, _ = tiny_model_factory("llama_mqa_tied")
-    llm = LLM(str(target), dtype="float32", speculative=_draft(draft))
+    llm = LLM(str(target), dtype="float32", kv_cache_memory="64MiB", speculative=_draft(draft))
     engine = llm.engine
     ids = [engine.add_request(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
            for prompt in PROMPTS]
@@ -150,7 +150,7 @@ def test_a_draft_stays_off_when_the_row_cap_leaves_too_few_proposals(tiny_model_
     """Default cap of 16 verification rows: 2 sequences get 4 proposals each, 8 would get 1 each,
     which costs more than it saves (DRAFT_MIN_PROPOSALS), so they get none."""
     target, _ = tiny_model_factory("llama_gqa")
-    llm = LLM(str(target), dtype="float32", speculative={"method": "draft", "model": str(target)})
+    llm = LLM(str(target), dtype="float32", kv_cache_memory="64MiB", speculative={"method": "draft", "model": str(target)})
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     llm.generate([[5, 6, 7]] * 8, params, use_tqdm=False)
     assert llm.engine.stats().spec.num_proposed == 0
@@ -164,7 +164,7 @@ def test_sampled_n_with_penalties_reports_the_models_own_logprobs(tiny_model_fac
     target model's raw log-probability of it, as scoring the same tokens gives."""
     target, _ = tiny_model_factory("llama_gqa")
     draft, _ = tiny_model_factory("llama_mqa_tied")
-    llm = LLM(str(target), dtype="float32", speculative=_draft(draft))
+    llm = LLM(str(target), dtype="float32", kv_cache_memory="64MiB", speculative=_draft(draft))
     params = SamplingParams(n=2, max_tokens=20, temperature=0.9, seed=5, repetition_penalty=1.3, logprobs=1,
                             ignore_eos=True)
     prompt = PROMPTS[0]
@@ -177,3 +177,21 @@ def test_sampled_n_with_penalties_reports_the_models_own_logprobs(tiny_model_fac
         for i, token in enumerate(sample.token_ids):
             assert sample.logprobs[i][token] == pytest.approx(float(expected[len(prompt) - 1 + i, token]), abs=1e-4)
     assert _draft_blocks(llm) == 0
+
+
+def test_a_dropped_engine_is_freed_without_waiting_for_the_garbage_collector(tiny_model_factory):
+    """No reference cycle through the engine: its KV caches (target's and draft's) go as soon as
+    the last reference does, which is what keeps a test session's memory flat."""
+    import gc
+    import weakref
+
+    target, _ = tiny_model_factory("llama_gqa")
+    gc.disable()
+    try:
+        llm = LLM(str(target), dtype="float32", kv_cache_memory="8MiB", speculative=_draft(target))
+        llm.generate(PROMPTS[:2], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+        engine = weakref.ref(llm.engine)
+        del llm
+        assert engine() is None
+    finally:
+        gc.enable()

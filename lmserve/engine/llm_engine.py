@@ -85,9 +85,10 @@ class LLMEngine:
         self.structured = StructuredOutputManager(self.tokenizer, cfg.vocab_size, self.stop_token_ids)
         self.inputs = InputProcessor(self.tokenizer, cfg, engine_config, self.max_model_len, self.stop_token_ids,
                                      self.structured)
-        self.outputs = OutputProcessor(self.tokenizer, self.stop_token_ids, self.max_model_len, self._release)
-        self.forker = Forker(self.inputs.new_sequence, self.scheduler)
         self.speculator = self._speculator(engine_config.speculative, num_blocks)
+        self.outputs = OutputProcessor(self.tokenizer, self.stop_token_ids, self.max_model_len,
+                                       _releaser(self.scheduler, self.speculator))
+        self.forker = Forker(self.inputs.new_sequence, self.scheduler)
         self.num_steps = 0  # engine steps run (the X-ray's and the timeline's step index)
         self.xray_requests: set[str] = set()  # live requests with params.xray (engine/xray.py)
         self.timeline = xray.Timeline()  # recent steps' composition, while watched
@@ -100,12 +101,6 @@ class LLMEngine:
             proposer = DraftModelProposer(spec, self.config, self.model_config, self.tokenizer, num_blocks,
                                           self.max_model_len)
         return Speculator(spec, self.max_model_len, proposer)
-
-    def _release(self, seq: Sequence) -> None:
-        """A finished sequence leaves the scheduler (its KV blocks are freed) and the proposer."""
-        self.scheduler.remove(seq)
-        if self.speculator is not None:
-            self.speculator.release(seq)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -257,3 +252,14 @@ def _raw_logprobs(logits: torch.Tensor, tokens: list[int]) -> list[float]:
     """Each row's log-probability of its token under the model's unprocessed distribution."""
     chosen = logits.float().gather(1, torch.tensor(tokens, device=logits.device).unsqueeze(1)).squeeze(1)
     return (chosen - torch.logsumexp(logits.float(), dim=-1)).tolist()
+
+
+def _releaser(scheduler: Scheduler, speculator: Speculator | None):
+    """What the output processor calls for a finished sequence: it leaves the scheduler (its KV
+    blocks are freed) and the proposer. A closure over those two, not a method of the engine, so
+    that no reference cycle keeps a dropped engine (and its KV cache) alive until a GC pass."""
+    def release(seq: Sequence) -> None:
+        scheduler.remove(seq)
+        if speculator is not None:
+            speculator.release(seq)
+    return release
