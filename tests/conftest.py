@@ -38,3 +38,20 @@ def url(async_engine):
 
     with running(build_app(async_engine, MODEL)) as base:
         yield base
+
+
+@pytest.fixture(scope="module")
+def http(url):
+    """An httpx client of the module's loopback server."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    """The official openai client of the module's loopback server."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -35,11 +35,6 @@ def keyed_url(async_engine):
         yield base
 
 
-@pytest.fixture(scope="module")
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-
-
 def _stream(url: str, body: dict, key: str | None = None) -> list[dict]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     chunks = []

@@ -10,7 +10,6 @@ import json
 
 import httpx
 import jsonschema
-import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,11 +36,6 @@ def async_engine():
     engine = AsyncEngine(LLM().engine).start()
     yield engine
     engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
 def _check_call(name: str, arguments: str, call_id: str | None = None) -> dict:
