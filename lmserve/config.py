@@ -4,10 +4,12 @@ runs it (`EngineConfig`). Both validate at construction and name the bad field o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from lmserve.errors import InvalidParameterError
+
+if TYPE_CHECKING:  # imported where used, so the command line parses its arguments without PyTorch
+    import torch
 
 # Server limits: requests queued beyond this many get HTTP 429; a request running longer is aborted.
 DEFAULT_MAX_WAITING = 256
@@ -16,10 +18,10 @@ DEFAULT_REQUEST_TIMEOUT = 600.0
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 PREEMPTION_MODES = ("recompute", "swap")
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+_DTYPES = {  # name -> the torch dtype's name
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
 }
 
 
@@ -112,12 +114,14 @@ class ModelConfig:
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """Map a user dtype name ("auto", "float32", "bf16", ...) to a torch dtype for `device`."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     elif dtype == "auto":
         resolved = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif dtype in _DTYPES:
-        resolved = _DTYPES[dtype]
+        resolved = getattr(torch, _DTYPES[dtype])
     else:
         raise InvalidParameterError("dtype", f"must be one of auto, {', '.join(sorted(_DTYPES))}; got {dtype!r}")
     if resolved == torch.float16 and device.type == "cpu":
@@ -241,6 +245,8 @@ class EngineConfig:
     speculative: SpeculativeConfig | dict | None = None
 
     def __post_init__(self):
+        import torch
+
         try:
             self.torch_device = torch.device(self.device)
         except (RuntimeError, TypeError):

@@ -15,7 +15,6 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
-from lmserve.chat_template import ChatTemplateError, compile_template, render
 from lmserve.errors import ModelLoadError
 
 # Pre-tokenizer split patterns, keyed by the vocabularies that were trained with them.
@@ -175,6 +174,8 @@ class Tokenizer:
         """Render `messages` with the model's chat template into a prompt string. `tools` (function
         tools as JSON-schema dicts, `{"type": "function", "function": {...}}`) reach the template as
         transformers passes them; a template without a tools section ignores them."""
+        from lmserve.chat_template import ChatTemplateError, compile_template, render
+
         if self.chat_template is None:
             raise ChatTemplateError("this model has no chat template, so chat messages cannot be formatted; "
                                     "send a plain text prompt instead")

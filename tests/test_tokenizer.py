@@ -14,6 +14,7 @@ import pytest
 
 from lmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from lmserve.errors import InvalidParameterError, LmserveError, ModelLoadError
+from lmserve.loader.gguf_layout import read_gguf
 from lmserve.loader.gguf_metadata import read_gguf_metadata
 from lmserve.tokenizer import Tokenizer
 
@@ -36,9 +37,7 @@ VARIED_TEXTS = [
 
 @pytest.fixture(scope="module")
 def smollm2_meta(smollm2_path):
-    import gguf
-
-    return read_gguf_metadata(gguf.GGUFReader(str(smollm2_path)))
+    return read_gguf(smollm2_path).metadata  # what the loader reads (tests/test_gguf_reader.py: gguf-py's too)
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +133,12 @@ def test_metadata_types_round_trip(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    meta = read_gguf_metadata(gguf.GGUFReader(str(path)))
     expected = {"t.flag": True, "t.eps": 0.5, "t.count": 7, "t.name": "héllo", "t.words": ["a", "ß", "🙂"],
                 "t.ints": [1, -2, 3], "t.floats": [0.25, -1.5]}
-    assert {k: meta[k] for k in expected} == expected
-    assert type(meta["t.flag"]) is bool and type(meta["t.count"]) is int
-    assert all(_plain(v) for v in meta.values())
+    for meta in (read_gguf(path).metadata, read_gguf_metadata(gguf.GGUFReader(str(path)))):
+        assert {k: meta[k] for k in expected} == expected
+        assert type(meta["t.flag"]) is bool and type(meta["t.count"]) is int
+        assert all(_plain(v) for v in meta.values())
 
 
 # ---- GGUF byte-level BPE (SmolLM2) ----------------------------------------------------------

@@ -13,6 +13,8 @@ the runner knows no model family.
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 
 import torch
 
@@ -33,6 +35,18 @@ def _block_tables(seqs: list, width: int) -> torch.Tensor:
     return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
 
 
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor whose memory is committed only as it is written. On the CPU it lies in an
+    anonymous private mapping: the OS maps each page (zero-filled) when it is first written, so a
+    large KV cache costs resident memory only for the blocks in use (reads of untouched pages
+    see zeros and commit nothing). Elsewhere, `torch.zeros`."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(memory, dtype=torch.uint8).view(dtype).view(shape)  # the tensor keeps `memory` alive
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, engine_config: EngineConfig,
                  num_blocks: int, fused_decoder: Callable | None = None):
@@ -45,8 +59,7 @@ class ModelRunner:
         num_slots = num_blocks * self.block_size
         shape = (2, num_slots, model_config.num_kv_heads, model_config.head_dim)
         layers = model.attention_layers()
-        self.kv_caches = [torch.zeros(shape, dtype=engine_config.kv_torch_dtype, device=self.device)
-                          for _ in layers]
+        self.kv_caches = [zeros_on_demand(shape, engine_config.kv_torch_dtype, self.device) for _ in layers]
         self.kv_scales = [torch.ones(shape[:3], dtype=torch.float32, device=self.device)
                           if engine_config.kv_quantized else None for _ in layers]
         for layer, cache, scales in zip(layers, self.kv_caches, self.kv_scales):

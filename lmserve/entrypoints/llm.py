@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 
-from tqdm import tqdm
-
 from lmserve.engine.factory import create_engine
 from lmserve.errors import InvalidParameterError
 from lmserve.engine.beam_search import beam_score
@@ -52,6 +50,8 @@ class LLM:
                 self.engine.abort_request(request_id)
             raise
         finals: dict[str, RequestOutput] = {}
+        from tqdm import tqdm
+
         bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm or len(ids) < 2)
         try:
             while len(finals) < len(ids):

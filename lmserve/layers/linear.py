@@ -57,6 +57,8 @@ class Linear(nn.Module):
             else:
                 _check_shape(self.shard_rows(shard), self.in_features, tensor.shape, f"weight[{shard}]")
                 self._pending[shard] = tensor
+                if set(self._pending) == set(self.shard_names()):
+                    self.finish_loading()  # packed now, so the unpacked shards of all layers never pile up
                 return
         target = getattr(self, param_name).data
         if shard is not None:
@@ -127,7 +129,7 @@ def _merge_rows(parts: list[GroupQuantized]) -> GroupQuantized:
         scale = np.repeat(p.scale, repeat, axis=1)
         bias = np.repeat(p.bias, repeat, axis=1) if p.bias is not None else np.zeros_like(scale)
         q = p.q
-        if shift:
+        if shift and p.levels[0]:
             q = (q.astype(np.int16) - p.levels[0]).astype(np.int8)
             bias = bias + p.levels[0] * scale
         qs.append(q)

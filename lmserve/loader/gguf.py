@@ -196,8 +196,10 @@ def load_gguf(path: Path) -> Checkpoint:
         config = dataclasses.replace(config, rope_scaling=_longrope_scaling(gguf_file, meta, config, path))
     rope_heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads} if family.gguf_qk_interleaved else {}
 
+    tensors = gguf_file.tensors  # not the file's metadata: the token lists are dropped once the tokenizer is built
+
     def iter_tensors(keep_packed: bool = False):
-        for tensor in gguf_file.tensors:
+        for tensor in tensors:
             name = hf_tensor_name(tensor.name, arch)
             if name is None:
                 continue
@@ -209,6 +211,7 @@ def load_gguf(path: Path) -> Checkpoint:
                 if proj in rope_heads:
                     packed = packed.map_rows(lambda rows: _unpermute_rope(rows, rope_heads[proj]))
                 yield name, packed
+                tensor.release()
                 continue
             try:
                 array = _dequantize(tensor)
@@ -221,6 +224,7 @@ def load_gguf(path: Path) -> Checkpoint:
             if not array.flags.writeable:  # F32 tensors come straight from the read-only memory map
                 array = array.copy()
             yield name, torch.from_numpy(array)
+            tensor.release()
 
     tokenizer = Tokenizer.from_gguf_metadata(meta, str(path))
     if tokenizer.chat_template is None:

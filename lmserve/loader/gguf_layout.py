@@ -8,8 +8,8 @@ checked against the bytes that remain: numeric arrays are converted in bulk from
 `np.frombuffer` view, string arrays in one pass over their bytes. It then checks that each tensor
 lies inside the data section, aligned as GGUF requires and overlapping no other; a bad file ends
 in a `ModelLoadError` that names the value. Tensor data is never touched here: `GGUFTensor.data`
-is a numpy view of the memory map, made when asked for. Allocations are bounded by the header's
-own size.
+is a numpy view of the memory map, made when asked for. What is allocated grows with the size of
+the header only.
 
 The values are those of gguf-py's `GGUFReader` (`ReaderField.contents()`): Python ints, floats,
 bools and strs, lists of them for arrays; strings that are not valid UTF-8 are decoded with
@@ -60,11 +60,20 @@ class TensorSpan:
 
 
 @dataclass(frozen=True, eq=False)
+class _DataSection:
+    """The memory map of a file and the byte where its data section starts."""
+
+    buffer: mmap.mmap
+    start: int
+    byte_order: str  # "<" or ">"
+
+
+@dataclass(frozen=True, eq=False)
 class GGUFTensor(TensorSpan):
     """A tensor of a `GGUFFile`: its span, its GGML type and a view of its bytes."""
 
-    tensor_type: GGMLQuantizationType = GGMLQuantizationType.F32
-    file: GGUFFile | None = field(default=None, repr=False)
+    tensor_type: GGMLQuantizationType
+    section: _DataSection = field(repr=False)
 
     @property
     def n_elements(self) -> int:
@@ -84,21 +93,30 @@ class GGUFTensor(TensorSpan):
             block_size, type_size = GGML_QUANT_SIZES[self.tensor_type]
             dtype, shape = np.dtype(np.uint8), (*shape[:-1], shape[-1] // block_size * type_size)
         else:
-            dtype = np.dtype(dtype).newbyteorder(self.file.byte_order)
+            dtype = np.dtype(dtype).newbyteorder(self.section.byte_order)
         count = self.nbytes // dtype.itemsize
         if count == 0:
             return np.empty(shape, dtype)
-        return np.frombuffer(self.file.buffer, dtype, count, self.file.data_offset + self.offset).reshape(shape)
+        return np.frombuffer(self.section.buffer, dtype, count, self.section.start + self.offset).reshape(shape)
+
+    def release(self) -> None:
+        """Unmap the pages of this tensor's bytes from the process (they stay in the OS's page
+        cache, and are read again if the data is used again), so that a file whose tensors have
+        been converted does not stay resident next to the weights made from it."""
+        if self.nbytes and hasattr(mmap, "MADV_DONTNEED"):
+            start = self.section.start + self.offset
+            page_start = start // mmap.PAGESIZE * mmap.PAGESIZE
+            self.section.buffer.madvise(mmap.MADV_DONTNEED, page_start, start + self.nbytes - page_start)
 
 
 @dataclass(eq=False)
 class GGUFFile:
     """A GGUF file read by `read_gguf`: metadata (plain Python values, with gguf-py's names
     `GGUF.version`, `GGUF.tensor_count` and `GGUF.kv_count` for the header's numbers), each key's
-    value type (and item type for arrays), the tensors in file order, and where the data starts."""
+    value type (and item type for arrays), the tensors in file order, and where the data starts.
+    The tensors hold the file's memory map, not this object, so the metadata can go once read."""
 
     path: Path
-    buffer: mmap.mmap | bytes
     byte_order: str  # "<" or ">"
     metadata: dict[str, object] = field(default_factory=dict)
     value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = field(default_factory=dict)
@@ -241,7 +259,7 @@ def _scan(header: _Header) -> GGUFFile:
                           f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
     tensor_count = header.unpack("Q", "the tensor count")  # checked once the metadata before the tensors is read
     kv_count = header.count("the metadata entry count", _MIN_KV_BYTES)
-    gguf = GGUFFile(header.path, header.data, header.order)
+    gguf = GGUFFile(header.path, header.order)
     meta, types = gguf.metadata, gguf.value_types
     for key, value, value_type in (("GGUF.version", version, GGUFValueType.UINT32),  # the names gguf-py gives these
                                    ("GGUF.tensor_count", tensor_count, GGUFValueType.UINT64),
@@ -297,6 +315,7 @@ def _tensor_info(header: _Header) -> tuple[str, GGMLQuantizationType, tuple[int,
 def _check_spans(header: _Header, infos, gguf: GGUFFile) -> list[GGUFTensor]:
     data_start, alignment = gguf.data_offset, gguf.alignment
     data_size = max(header.size - data_start, 0)
+    section = _DataSection(header.data, data_start, header.order)
     tensors = []
     for name, tensor_type, dims, offset in infos:
         block_size, type_size = GGML_QUANT_SIZES[tensor_type]
@@ -309,7 +328,7 @@ def _check_spans(header: _Header, infos, gguf: GGUFFile) -> list[GGUFTensor]:
         if offset + nbytes > data_size:
             raise header.fail(f"tensor {name!r} ({tensor_type.name} {list(dims)}, {nbytes} bytes at data offset "
                               f"{offset}) lies outside the data section ({data_size} bytes from byte {data_start})")
-        tensors.append(GGUFTensor(name, dims, offset, nbytes, tensor_type, gguf))
+        tensors.append(GGUFTensor(name, dims, offset, nbytes, tensor_type, section))
     previous = None
     for span in sorted((t for t in tensors if t.nbytes), key=lambda t: t.offset):
         if previous is not None and span.offset < previous.offset + previous.nbytes:

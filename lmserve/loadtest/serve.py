@@ -16,8 +16,10 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 _WORDS = ("time person year way day thing man world life hand part child eye woman place work week case "
           "point government company number group problem fact river mountain city light music").split()
@@ -53,6 +55,8 @@ def dataset_prompts(path: str, count: int) -> list[str]:
 
 
 async def _one_request(client: httpx.AsyncClient, url: str, payload: dict) -> RequestResult:
+    import httpx
+
     start = time.perf_counter()
     result = RequestResult(ok=False)
     last = None
@@ -98,6 +102,8 @@ def _stats(values: list[float]) -> dict[str, float]:
 async def run_benchmark(base_url: str, model: str | None, prompts: list[str], output_len: int,
                         request_rate: float, max_concurrency: int | None, seed: int,
                         api_key: str | None = None, timeout: float = 600.0) -> dict:
+    import httpx  # here, so that the CLI's other commands start without it
+
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/v1/completions"
     async with httpx.AsyncClient(timeout=timeout, headers=headers) as client:

@@ -50,7 +50,10 @@ def _f16(raw: np.ndarray) -> np.ndarray:
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
     """[n, 16] bytes -> [n, 32] values: low nibbles are elements 0-15, high nibbles 16-31."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    out = np.empty((qs.shape[0], 32), np.uint8)
+    np.bitwise_and(qs, 0x0F, out=out[:, :16])
+    np.right_shift(qs, 4, out=out[:, 16:])
+    return out
 
 
 def _fifth_bits(qh: np.ndarray) -> np.ndarray:
@@ -60,11 +63,11 @@ def _fifth_bits(qh: np.ndarray) -> np.ndarray:
 
 
 def _q4_0(b):
-    return _nibbles(b[:, 2:]).astype(np.int8) - 8, _f16(b[:, :2]), None
+    return _nibbles(b[:, 2:]).view(np.int8) - np.int8(8), _f16(b[:, :2]), None
 
 
 def _q4_1(b):
-    return _nibbles(b[:, 4:]).astype(np.int8), _f16(b[:, :2]), _f16(b[:, 2:4])
+    return _nibbles(b[:, 4:]).view(np.int8), _f16(b[:, :2]), _f16(b[:, 2:4])
 
 
 def _q5_0(b):

@@ -118,23 +118,29 @@ def _why_build(build_dir: Path, inputs: dict) -> str:
 
 def _import_built(name: str, build_dir: Path):
     """The finished build in `build_dir`, imported the way PyTorch's builder imports it."""
-    from torch.utils.cpp_extension import LIB_EXT
-
-    spec = importlib.util.spec_from_file_location(name, build_dir / f"{name}{LIB_EXT}")
+    spec = importlib.util.spec_from_file_location(name, build_dir / f"{name}.so")  # the builder's LIB_EXT on POSIX
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _build_or_import():
-    from torch.utils import cpp_extension
+def default_build_root() -> Path:
+    """PyTorch's `cpp_extension.get_default_build_root()`, computed without importing the builder
+    (and setuptools with it, ~0.15 s) when a finished build only needs loading."""
+    from torch import _appdirs
 
+    return Path(os.path.realpath(_appdirs.user_cache_dir(appname="torch_extensions")))
+
+
+def _build_or_import():
     inputs = build_inputs([*_CSRC.glob("*.cpp"), *_CSRC.glob("*.h")], [*_CFLAGS, *_LDFLAGS])
     name = f"{BUILD_NAME}_{build_key(inputs)}"
-    build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+    build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or default_build_root()) / name
     with build_lock(build_dir):
         if (build_dir / _INPUTS).exists():
             return _import_built(name, build_dir)
+        from torch.utils import cpp_extension
+
         print(f"lmserve: compiling the native CPU kernels for {TARGET_ISA} into {build_dir} "
               f"({_why_build(build_dir, inputs)}); this takes about a minute, once", file=sys.stderr)
         module = cpp_extension.load(name=name, sources=_SOURCES, extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,

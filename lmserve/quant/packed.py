@@ -57,14 +57,18 @@ def _row_blocks(per_row: np.ndarray) -> np.ndarray:
 def interleave_blocks(values: np.ndarray, bits: int, group: int) -> np.ndarray:
     """Row-major values [rows, cols] (4-bit as uint8 0-15, else int8) in the kernel's layout
     (`csrc/block_kernels.h`): blocks of 8 rows, group by group, 2 columns of the 8 rows per chunk."""
-    blocks = _row_blocks(values)
+    blocks = np.ascontiguousarray(_row_blocks(values))
     n = blocks.shape[0]
+    # Both layouts move column pairs (2 bytes, one uint16) as units: a transpose of [block, row,
+    # column pair] to [block, column pair, row], where numpy copies 2-byte items, not single bytes.
     if bits == 8:
-        chunks = blocks.reshape(n, 8, -1, group // 2, 2).transpose(0, 2, 3, 1, 4)  # block, group, chunk, row, col
-        return np.ascontiguousarray(chunks).reshape(n, -1, group * 8)
+        # block, group, chunk of 2 columns, row, column
+        pairs = blocks.view(np.uint16).transpose(0, 2, 1)
+        return np.ascontiguousarray(pairs).view(blocks.dtype).reshape(n, -1, group * 8)
     # rows j = 4 * nibble + i; columns 4 * unit + 2 * half + e; byte 8 * half + 2 * i + e
-    units = blocks.reshape(n, 2, 4, -1, group // 4, 2, 2).transpose(0, 3, 4, 5, 2, 6, 1)
-    return np.ascontiguousarray(units[..., 0] | (units[..., 1] << 4)).reshape(n, -1, group * 4)
+    nibbles = blocks[:, :4] | (blocks[:, 4:] << 4)  # [block, i, column]: row i low, row 4 + i high
+    pairs = nibbles.view(np.uint16).transpose(0, 2, 1)
+    return np.ascontiguousarray(pairs).view(np.uint8).reshape(n, -1, group * 4)
 
 
 def interleave_groups(per_group: np.ndarray) -> np.ndarray:
@@ -91,10 +95,11 @@ class BlockWeight(KernelOrGemmWeight):
         self.group = gq.group
         if high - low <= 15 and gq.group == 32:
             self.bits = 4
-            values = (gq.q.astype(np.int16) - low).astype(np.uint8)
+            q = gq.q.astype(np.int8, copy=False)
+            values = (q - np.int8(low) if low else q).view(np.uint8)  # 0-15 (int8 arithmetic wraps)
             bias = low * gq.scale + (gq.bias if gq.bias is not None else 0.0)
         else:
-            self.bits, values, bias = 8, gq.q.astype(np.int8), gq.bias
+            self.bits, values, bias = 8, gq.q.astype(np.int8, copy=False), gq.bias
         self.register_buffer("q", torch.from_numpy(interleave_blocks(values, self.bits, self.group)))
         self.register_buffer("scale", torch.from_numpy(interleave_groups(gq.scale)))
         self.register_buffer("bias", torch.empty(0) if bias is None else torch.from_numpy(interleave_groups(bias)))
