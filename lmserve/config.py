@@ -243,6 +243,12 @@ class EngineConfig:
     swap_space: int | str = "1GiB"
     # Speculative decoding (a SpeculativeConfig or a dict of its fields), or None for off.
     speculative: SpeculativeConfig | dict | None = None
+    # LoRA adapters (requests name theirs with a LoRARequest): at most `max_loras` different
+    # adapters in one step, ranks up to `max_lora_rank`, `max_cpu_loras` kept loaded (default max_loras).
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 64
+    max_cpu_loras: int | None = None
 
     def __post_init__(self):
         import torch
@@ -266,7 +272,10 @@ class EngineConfig:
         if self.quantization in ("int8", "int4") and self.torch_device.type != "cpu":
             raise InvalidParameterError("quantization", f"{self.quantization} weight-only kernels are CPU-only; "
                                                         "use auto or none on a GPU")
-        for name, low in (("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1)):
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        for name, low in (("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("max_loras", 1),
+                          ("max_lora_rank", 1), ("max_cpu_loras", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise InvalidParameterError(name, f"must be an integer >= {low}, got {value!r}")
@@ -279,3 +288,5 @@ class EngineConfig:
                                                            f"got {self.preemption_mode!r}")
         self.swap_space_bytes = parse_bytes(self.swap_space, "swap_space")
         self.speculative = SpeculativeConfig.from_options(self.speculative)
+        if self.max_cpu_loras < self.max_loras:
+            raise InvalidParameterError("max_cpu_loras", f"{self.max_cpu_loras} is below max_loras ({self.max_loras})")

@@ -6,7 +6,8 @@ table lists its blocks in order, so token position p lives in slot
 `block_table[p // block_size] * block_size + p % block_size` of every layer's cache.
 
 Prefix caching: once a block is full, it is registered under a chained hash of its token ids
-(the parent block's hash, the block's tokens and a salt for anything else that changes K/V).
+(the parent block's hash, the block's tokens and a salt for anything else that changes K/V: the
+model and dtypes, and the request's LoRA adapter).
 A new sequence whose leading full blocks hash the same reuses them instead of recomputing.
 Freed blocks keep their contents and hash in the free pool, which is ordered least recently
 used first, so a cached block survives until the pool needs it for something else.
@@ -226,7 +227,7 @@ class BlockManager:
     def _extend_hashes(self, seq: Sequence, num_blocks: int) -> None:
         bs = self.block_size
         for i in range(len(seq.block_hashes), num_blocks):
-            parent = seq.block_hashes[i - 1] if i else self.salt
+            parent = seq.block_hashes[i - 1] if i else self.salt + seq.request.cache_salt
             seq.block_hashes.append(hash((parent, tuple(seq.token_ids[i * bs: (i + 1) * bs]))))
 
     def free(self, seq: Sequence) -> None:

@@ -59,10 +59,10 @@ class InputProcessor:
         return text, ids
 
     def make_request(self, request_id: str, prompt: str | list[int],
-                     params: SamplingParams | BeamSearchParams | None) -> Request:
+                     params: SamplingParams | BeamSearchParams | None, lora=None) -> Request:
         """A validated request holding its first sequence (the one that computes the prompt; n /
         best_of samples and beams fork from it later). With `BeamSearchParams` it is decoded by
-        beam search."""
+        beam search; `lora` is the LoRA adapter it runs with (None: the base model)."""
         beam_params = params if isinstance(params, BeamSearchParams) else None
         if beam_params is not None:
             params = SamplingParams(max_tokens=beam_params.max_tokens, temperature=0,
@@ -77,7 +77,7 @@ class InputProcessor:
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]
         max_tokens = self._check_context(len(ids), params.max_tokens)
-        request = Request(request_id, text, ids, params, width=width)
+        request = Request(request_id, text, ids, params, width=width, lora=lora)
         if params.structured is not None:
             request.grammar = self.structured.compile(params.structured)
         if beam_params is not None:
@@ -100,13 +100,13 @@ class InputProcessor:
                 f"the end of the prompt)")
         return max_tokens
 
-    def scoring_sequence(self, token_ids: list[int]) -> Sequence:
+    def scoring_sequence(self, token_ids: list[int], lora=None) -> Sequence:
         """A temporary sequence whose every token is to be computed (for `LLMEngine.score`)."""
         _, ids = self.prompt_ids(list(token_ids))
         if len(ids) > self.max_model_len:
             raise ContextLengthError("token_ids", f"{len(ids)} tokens exceed the context limit of "
                                                   f"{self.max_model_len} tokens")
-        request = Request(f"score-{self.new_request_id()}", None, ids, SamplingParams(max_tokens=1))
+        request = Request(f"score-{self.new_request_id()}", None, ids, SamplingParams(max_tokens=1), lora=lora)
         return Sequence(next(self._seq_ids), request, 0, list(ids), len(ids), generator=None)
 
     def new_sequence(self, request: Request, token_ids: list[int]) -> Sequence:

@@ -7,7 +7,9 @@ the runner runs them and one forward, the scheduler takes the computed tokens
 (`parallel_sampling`), the sampler picks one token per sampling sequence (within its
 constraint's bitmask, computed while the forward runs: `structured_output`), and the
 `OutputProcessor` appends it, detokenizes, applies stop conditions and builds the outputs of the
-requests that progressed. There are no threads or asyncio here; the server and the `LLM` class
+requests that progressed. A request may run with a LoRA adapter (`lora`): the manager loads
+it, the scheduler bounds the adapters per step and the runner marks each token row's adapter.
+There are no threads or asyncio here; the server and the `LLM` class
 drive `step()` in a loop.
 """
 
@@ -40,6 +42,8 @@ from lmserve.engine.structured_output import StructuredOutputManager
 from lmserve.engine import xray
 from lmserve.errors import InvalidParameterError
 from lmserve.loader import Checkpoint
+from lmserve.lora import LoRARequest
+from lmserve.lora.manager import LoRAManager
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import BeamSearchParams, SamplingParams
 
@@ -74,12 +78,17 @@ class LLMEngine:
                                           engine_config.enable_prefix_caching, salt, num_swap_blocks,
                                           common_sliding_window(self.model))
         self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
-                                   engine_config.max_num_batched_tokens, engine_config.preemption_mode)
-        self.runner = ModelRunner(self.model, cfg, engine_config, num_blocks, fused_decoder_for(cfg))
+                                   engine_config.max_num_batched_tokens, engine_config.preemption_mode,
+                                   engine_config.max_loras)
+        self.requests: dict[str, Request] = {}
+        self.lora = LoRAManager(self.model, engine_config.max_loras, engine_config.max_lora_rank,
+                                engine_config.max_cpu_loras, engine_config.torch_dtype, self._adapters_in_use) \
+            if engine_config.enable_lora else None
+        self.runner = ModelRunner(self.model, cfg, engine_config, num_blocks, fused_decoder_for(cfg),
+                                  self.lora.batch if self.lora is not None else None)
         if num_swap_blocks:
             self.runner.allocate_swap_space(num_swap_blocks)
         self.sampler = Sampler()
-        self.requests: dict[str, Request] = {}
         stop_ids = self.tokenizer.stop_token_ids if self.tokenizer is not None else cfg.eos_token_ids
         self.stop_token_ids = frozenset(stop_ids)
         self.structured = StructuredOutputManager(self.tokenizer, cfg.vocab_size, self.stop_token_ids)
@@ -105,18 +114,44 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | BeamSearchParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, lora_request: LoRARequest | None = None) -> str:
         """Queue a prompt; with `BeamSearchParams` it is decoded by beam search, and its output
-        (reported once, when finished) holds the best hypotheses, best first."""
+        (reported once, when finished) holds the best hypotheses, best first. With `lora_request`
+        it runs with that LoRA adapter (loaded now if it is not yet)."""
         request_id = request_id if request_id is not None else self.inputs.new_request_id()
         if request_id in self.requests:
             raise InvalidParameterError("request_id", f"{request_id!r} is already in use")
-        request = self.inputs.make_request(request_id, prompt, params)
+        request = self.inputs.make_request(request_id, prompt, params, self._adapter(lora_request))
         self.scheduler.add(request.seqs[0])
         self.requests[request_id] = request
         if getattr(request.params, "xray", False):
             self.xray_requests.add(request_id)
         return request_id
+
+    # ---- LoRA adapters --------------------------------------------------------------------------
+
+    def _adapter(self, lora_request: LoRARequest | None):
+        if lora_request is None:
+            return None
+        if not isinstance(lora_request, LoRARequest):
+            raise InvalidParameterError("lora_request", f"must be a LoRARequest, got {type(lora_request).__name__}")
+        if self.lora is None:
+            raise InvalidParameterError("lora_request", "this engine was started without enable_lora=True")
+        return self.lora.get(lora_request)
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load an adapter now (a bad directory raises `InvalidParameterError` naming it)."""
+        self._adapter(lora_request)
+
+    def remove_lora(self, name: str) -> bool:
+        """Unload adapter `name`; requests already running on it finish with it. False if unknown."""
+        return self.lora is not None and self.lora.remove(name)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return [adapter.request for adapter in self.lora.loaded.values()] if self.lora is not None else []
+
+    def _adapters_in_use(self) -> set:
+        return {request.lora for request in self.requests.values()} - {None}
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
@@ -241,11 +276,11 @@ class LLMEngine:
             return self.structured.result(masks[1])[masks[0][seq]]
         return self.structured.masks([seq.grammar])[0]  # a sample forked this step: not submitted
 
-    def score(self, token_ids: list[int]) -> torch.Tensor:
+    def score(self, token_ids: list[int], lora_request: LoRARequest | None = None) -> torch.Tensor:
         """fp32 logits [len(token_ids), vocab] at every position of one sequence (the logits at
         position i predict token i + 1), computed by the same runner as generation."""
-        return score_sequence(self.inputs.scoring_sequence(token_ids), self.block_manager, self.runner,
-                              self.config.max_num_batched_tokens)
+        return score_sequence(self.inputs.scoring_sequence(token_ids, self._adapter(lora_request)),
+                              self.block_manager, self.runner, self.config.max_num_batched_tokens)
 
 
 def _raw_logprobs(logits: torch.Tensor, tokens: list[int]) -> list[float]:

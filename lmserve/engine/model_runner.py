@@ -5,9 +5,10 @@ copies and swaps, then flattens the scheduled tokens of all sequences into one u
 builds the attention metadata (slot mapping from the block tables, padded attention groups with
 context slots gathered through the block tables) and returns logits only for the positions that
 sample a new token. A step in which every sequence adds one token goes instead, where the model
-family has one and the model qualifies, through a fused native decoder, whose metadata is just
-the tokens, positions and block tables; the engine passes the family's decoder factory in, so
-the runner knows no model family.
+family has one, the model qualifies and no row runs a LoRA adapter, through a fused native
+decoder, whose metadata is just the tokens, positions and block tables; the engine passes the
+family's decoder factory in, so the runner knows no model family. With LoRA enabled, each step
+first tells the adapters' shared state which token rows run which adapter.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from lmserve.config import EngineConfig, ModelConfig
 from lmserve.engine.scheduler_output import BlockOp, BlockOpKind, ScheduledSequence, SchedulerOutput
 from lmserve.layers.attention import AttentionGroup, AttentionMetadata
+from lmserve.lora.manager import LoRABatch
 
 logger = logging.getLogger("lmserve")
 
@@ -49,10 +51,12 @@ def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, engine_config: EngineConfig,
-                 num_blocks: int, fused_decoder: Callable | None = None):
+                 num_blocks: int, fused_decoder: Callable | None = None, lora: LoRABatch | None = None):
         """`fused_decoder(model, engine_config)` builds the family's fused decoder over the bound
-        KV caches, or returns None (with the reason logged) when this model cannot use it."""
+        KV caches, or returns None (with the reason logged) when this model cannot use it.
+        `lora`: the LoRA manager's step state, when adapters are enabled."""
         self.model = model
+        self.lora = lora
         self.device = engine_config.torch_device
         self.dtype = engine_config.torch_dtype
         self.block_size = engine_config.block_size
@@ -107,7 +111,11 @@ class ModelRunner:
         return self._forward(output.scheduled)
 
     def _forward(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
-        if self.fused_decode is not None and all(r.num_tokens == 1 + r.num_spec_tokens for r in scheduled):
+        # The fused decoder knows no adapters: a step with LoRA rows runs through the modules.
+        with_lora = self.lora is not None and self.lora.begin_step(
+            [(r.seq.request.lora, r.num_tokens) for r in scheduled], self.device)
+        if self.fused_decode is not None and not with_lora and all(
+                r.num_tokens == 1 + r.num_spec_tokens for r in scheduled):
             return self._fused_decode_step(scheduled)
         input_ids: list[int] = []
         positions: list[int] = []

@@ -3,7 +3,8 @@
 Every step the scheduler decides which sequences run and how many tokens each contributes:
 running sequences first (one decode token, or the next chunk of a prompt), then waiting ones in
 arrival order while the token budget (`max_num_batched_tokens`), the sequence budget
-(`max_num_seqs`) and the free KV blocks allow. A long prompt is split into chunks that fit the
+(`max_num_seqs`) and the free KV blocks allow; a request on a LoRA adapter waits while
+`max_loras` other adapters are running. A long prompt is split into chunks that fit the
 budget, so it shares steps with other sequences' decode tokens. A sequence admitted from the
 queue first adopts whatever prefix of it the block manager has cached. A request that will fork
 (n / best_of samples, beams) is admitted only if all its sequences fit `max_num_seqs`.
@@ -29,11 +30,12 @@ from lmserve.engine.sequence import Sequence, SequenceStatus
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 preemption_mode: str = "recompute"):
+                 preemption_mode: str = "recompute", max_loras: int = 1 << 30):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.preemption_mode = preemption_mode
+        self.max_loras = max_loras  # different LoRA adapters among the running sequences
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -152,15 +154,19 @@ class Scheduler:
         # After a preemption the pool is known to be short: admit nobody new this step.
         admitted = []
         num_seqs = len(self.running) + sum(s.request.pending_forks for s in self.running)  # forks to come
+        adapters = {s.request.lora for s in self.running} - {None}
         for seq in list(self.waiting) if not preempted else []:
             if budget <= 0 or num_seqs + 1 + seq.request.pending_forks > self.max_num_seqs:
                 break
-            if seq.awaits_beam_step:
+            lora = seq.request.lora
+            if seq.awaits_beam_step or (lora is not None and lora not in adapters and len(adapters) >= self.max_loras):
                 continue
             n = self._admit(seq, budget)
             if n is None:
                 break
             admitted.append(seq)
+            if lora is not None:
+                adapters.add(lora)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             num_seqs += 1 + seq.request.pending_forks

@@ -96,6 +96,12 @@ class Request:
     beam: object | None = None  # beam_search.BeamSearch state of a beam-search request
     grammar: object | None = None  # a fresh GrammarMatcher of its constraint; each sequence copies it
     xray: dict | None = None  # X-ray request record (params.xray only): prefix-cache hit, prefill steps
+    lora: object | None = None  # the lora.adapter.LoRAAdapter it runs with (None: the base model)
+
+    @property
+    def cache_salt(self) -> str:
+        """What sets this request's K/V apart from another's with the same tokens (its adapter)."""
+        return self.lora.cache_salt if self.lora is not None else ""
 
     @property
     def pending_forks(self) -> int:

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from lmserve.engine.factory import create_engine
 from lmserve.errors import InvalidParameterError
 from lmserve.engine.beam_search import beam_score
+from lmserve.lora import LoRARequest
 from lmserve.outputs import BeamSearchOutput, BeamSequence, RequestOutput
 from lmserve.sampling_params import BeamSearchParams, SamplingParams
 
@@ -20,7 +21,8 @@ class LLM:
 
     `model` is None (the embedded SmolLM2-135M-Instruct), a short name, a .gguf file or a Hugging
     Face model directory. Other keyword arguments are `EngineConfig` fields (dtype, device,
-    kv_cache_memory, num_kv_blocks, max_model_len, max_num_seqs, max_num_batched_tokens, ...).
+    kv_cache_memory, num_kv_blocks, max_model_len, max_num_seqs, max_num_batched_tokens,
+    enable_lora, max_loras, max_lora_rank, ...).
     """
 
     def __init__(self, model: str | None = None, **engine_kwargs):
@@ -32,19 +34,18 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """`sampling_params` and `lora_request` (the adapter to run with, None: the base model)
+        are one for all prompts or a list aligned with them."""
         prompt_list = _as_prompt_list(prompts)
-        if isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != len(prompt_list):
-                raise InvalidParameterError("sampling_params", f"got {len(sampling_params)} for "
-                                                               f"{len(prompt_list)} prompts")
-            params_list = list(sampling_params)
-        else:
-            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        params_list = _per_prompt(sampling_params, prompt_list, "sampling_params")
+        params_list = [params or SamplingParams() for params in params_list]
+        lora_list = _per_prompt(lora_request, prompt_list, "lora_request")
         ids = []
         try:
-            for prompt, params in zip(prompt_list, params_list):
-                ids.append(self.engine.add_request(prompt, params))
+            for prompt, params, lora in zip(prompt_list, params_list, lora_list):
+                ids.append(self.engine.add_request(prompt, params, lora_request=lora))
         except Exception:
             for request_id in ids:
                 self.engine.abort_request(request_id)
@@ -76,9 +77,10 @@ class LLM:
                          beam_score(c.cumulative_logprob, len(c.token_ids), params.length_penalty), c.finish_reason)
             for c in out.outputs]) for out in outputs]
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+               lora_request: LoRARequest | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that produced tokens (deltas in `delta_text`)."""
-        request_id = self.engine.add_request(prompt, sampling_params)
+        request_id = self.engine.add_request(prompt, sampling_params, lora_request=lora_request)
         try:
             while True:
                 for output in self.engine.step():
@@ -95,11 +97,21 @@ class LLM:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
     def chat(self, messages: list[Message] | list[list[Message]],
-             sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+
+def _per_prompt(value, prompts: list[Prompt], name: str) -> list:
+    """`value` for each prompt: a list or tuple aligned with them, or one value for all."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(prompts):
+            raise InvalidParameterError(name, f"got {len(value)} for {len(prompts)} prompts")
+        return list(value)
+    return [value] * len(prompts)
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:

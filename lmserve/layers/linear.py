@@ -37,12 +37,21 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.packed: nn.Module | None = None
         self._pending: dict[str | None, GroupQuantized] = {}
+        # Set by the engine's LoRA manager when adapters are enabled: the step's adapter rows
+        # (`lmserve.lora.manager.LoRABatch`) and this module's path, its key in an adapter.
+        self.lora = None
+        self.lora_key = ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        y = self.packed(x)
-        return y + self.bias if self.bias is not None else y
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = self.packed(x)
+            if self.bias is not None:
+                y = y + self.bias
+        if self.lora is not None and self.lora.groups:
+            y = self.lora.apply(self.lora_key, x, y)
+        return y
 
     def shard_names(self) -> list[str | None]:
         return [None]
