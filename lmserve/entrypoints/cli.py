@@ -45,6 +45,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="the draft model for --speculative-method draft (same vocabulary as the model)")
     p.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="tokens proposed per step with --speculative-method (default 4)")
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters on the model")
+    p.add_argument("--max-loras", type=int, default=4, help="different LoRA adapters in one step (default 4)")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank accepted (default 64)")
+    p.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept loaded (default --max-loras)")
+
+
+def _add_lora_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", default=None, metavar="DIR",
+                   help="run with this PEFT LoRA adapter directory on the model (implies --enable-lora)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -78,11 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", default=None, help="system message (with --chat)")
     _add_model_args(gen)
     _add_sampling_args(gen)
+    _add_lora_arg(gen)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat")
     chat.add_argument("--system", default=None)
     _add_model_args(chat)
     _add_sampling_args(chat)
+    _add_lora_arg(chat)
 
     info = sub.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("model", nargs="?", default=None)
@@ -101,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds after which a request is aborted")
     serve.add_argument("--max-body-size", default=None,
                        help="largest request body, e.g. 8MiB (default 4MiB); larger ones get 413")
+    serve.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
+                       help="PEFT LoRA adapters served as models NAME (implies --enable-lora)")
 
     batch = sub.add_parser("batch", help="run a JSONL file of prompts; resumes an interrupted job")
     batch.add_argument("input", help="JSONL: {\"prompt\" | \"messages\", sampling fields, \"id\"} per line")
@@ -156,7 +169,9 @@ def _llm(args):
                    max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                    kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
                    deterministic=args.deterministic, enforce_eager=args.enforce_eager,
-                   speculative=_speculative(args))
+                   speculative=_speculative(args), max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                   max_cpu_loras=args.max_cpu_loras, enable_lora=args.enable_lora or bool(
+                       getattr(args, "lora_modules", None) or getattr(args, "lora", None)))
     finally:
         if pause_collector:
             gc.freeze()
@@ -210,11 +225,27 @@ def _read_text(flag: str, path: str) -> str:
         raise InvalidParameterError(flag, f"cannot read {path!r}: {exc.strerror or exc}") from None
 
 
-def _stream(llm, prompt, params) -> tuple[str, object]:
+def _lora(args):
+    """The adapter `--lora` names, or None."""
+    from lmserve import LoRARequest
+    return LoRARequest(Path(args.lora).name or "lora", 1, args.lora) if args.lora else None
+
+
+def _lora_modules(args) -> dict[str, str]:
+    modules = {}
+    for item in args.lora_modules or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InvalidParameterError("lora-modules", f"expected NAME=DIR, got {item!r}")
+        modules[name] = path
+    return modules
+
+
+def _stream(llm, prompt, params, lora=None) -> tuple[str, object]:
     """Print the completion as it is produced; return its text and final output."""
     out = sys.stdout
     text, final = "", None
-    for output in llm.stream(prompt, params):
+    for output in llm.stream(prompt, params, lora_request=lora):
         delta = output.outputs[0].delta_text
         text += delta
         out.write(delta)
@@ -244,7 +275,7 @@ def cmd_generate(args) -> None:
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt = llm.apply_chat_template(messages + [{"role": "user", "content": prompt}])
-    _, final = _stream(llm, prompt, params)
+    _, final = _stream(llm, prompt, params, _lora(args))
     _print_stats(final, llm)
 
 
@@ -252,6 +283,7 @@ def cmd_chat(args) -> None:
     params = _params(args)
     llm = _llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    lora = _lora(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
@@ -262,7 +294,7 @@ def cmd_chat(args) -> None:
         if not line or not line.strip():
             return
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply, _ = _stream(llm, llm.apply_chat_template(messages), params)
+        reply, _ = _stream(llm, llm.apply_chat_template(messages), params, lora)
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -297,10 +329,11 @@ def cmd_serve(args) -> None:
     from lmserve.default_model import DEFAULT_MODEL
     from lmserve.server import build_app, serve
 
+    modules = _lora_modules(args)
     llm = _llm(args)
     app = build_app(llm.engine, args.served_model_name or args.model or DEFAULT_MODEL, api_key=args.api_key,
                     max_waiting=args.max_waiting, request_timeout=args.request_timeout,
-                    metrics_public=args.metrics_public, max_body_size=args.max_body_size)
+                    metrics_public=args.metrics_public, max_body_size=args.max_body_size, lora_modules=modules)
     serve(app, host=args.host, port=args.port)
 
 

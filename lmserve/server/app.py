@@ -3,7 +3,8 @@ body-size guard and `ApiError` are in `middleware.py`, the OpenAPI corrections i
 
 `build_app` wraps an engine in an `AsyncEngine` and serves `/v1/completions`,
 `/v1/chat/completions` (both optionally streamed as server-sent events), `/v1/models` (and
-`/v1/models/{id}`), `/tokenize`, `/detokenize`, `/tokenizer_info`, `/health` and `/metrics`.
+`/v1/models/{id}`; LoRA adapters are models of their own, `adapters.py`, loaded and unloaded at
+`/v1/load_lora_adapter` and `/v1/unload_lora_adapter`), `/tokenize`, `/detokenize`, `/tokenizer_info`, `/health` and `/metrics`.
 Before any body is read, a middleware checks the API key (every route but `GET /health`) and
 the body size (413). Every user error becomes an OpenAI error body with a 4xx status, and an
 unexpected exception a 500 one, the connection staying usable; a full waiting queue answers 429
@@ -39,10 +40,12 @@ from lmserve.engine.factory import create_engine
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.engine.xray import TIMELINE_STEPS, TIMELINE_WATCH_SECONDS
 from lmserve.errors import ContextLengthError, LmserveError
+from lmserve.lora import LoRARequest
 from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.sampling_params import BeamSearchParams, SamplingParams
 from lmserve.server import protocol as proto
 from lmserve.server import tools
+from lmserve.server.adapters import ServedAdapters
 from lmserve.server.async_engine import (AsyncEngine, EngineUnavailableError,
                                          RequestTimeoutError)
 from lmserve.server.metrics import ServerMetrics
@@ -74,16 +77,23 @@ class _Server:
     def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, model_name: str, max_waiting: int,
                  request_timeout: float | None):
         self.engine, self.metrics, self.model_name = engine, metrics, model_name
+        self.adapters = ServedAdapters(engine, model_name)
         self.max_waiting, self.request_timeout = max_waiting, request_timeout
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.max_num_seqs = engine.engine.config.max_num_seqs
         self.fingerprint = _fingerprint(engine.engine)
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter that `model` names (None: the base model); 404 for a model not served."""
+        if model is None or model == self.model_name:
+            return None
+        lora = self.adapters.by_name.get(model)
+        if lora is None:
+            served = ", ".join(repr(name) for name in [self.model_name, *self.adapters.by_name])
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {served}",
                            param="model", code="model_not_found")
+        return lora
 
     def require_tokenizer(self, param: str):
         if self.tokenizer is None:
@@ -160,9 +170,10 @@ class _Server:
         return prompt
 
     async def generate(self, num_prompts: int, make_prompts: Callable[[], list[str | list[int]]],
-                       params: SamplingParams | BeamSearchParams, request_id: str, prompt_param: str) -> _Generation:
+                       params: SamplingParams | BeamSearchParams, request_id: str, prompt_param: str,
+                       lora: LoRARequest | None = None) -> _Generation:
         """Admit `num_prompts` engine requests, then build (`make_prompts`: chat templates) and
-        tokenize the prompts in a worker thread and submit them."""
+        tokenize the prompts in a worker thread and submit them (on adapter `lora`, if any)."""
         self.check_fits(num_prompts, params, prompt_param)
         self.admit(num_prompts)
         try:
@@ -172,7 +183,7 @@ class _Server:
             if isinstance(exc, LmserveError):
                 raise ApiError.of(exc, prompt_param) from None
             raise
-        return _Generation(self, token_ids, params, request_id)
+        return _Generation(self, token_ids, params, request_id, lora)
 
     async def prompt_token_ids(self, prompts: list[str | list[int]]) -> list[list[int]]:
         """The prompts' token ids (tokenized in a worker thread), checked as the engine checks
@@ -189,13 +200,14 @@ class _Server:
         except LmserveError as exc:
             raise ApiError.of(exc, "prompt") from None
 
-    async def prompt_logprobs(self, request: Request, prompts: list[list[int]], top_n: int) -> list[dict]:
+    async def prompt_logprobs(self, request: Request, prompts: list[list[int]], top_n: int,
+                              lora: LoRARequest | None = None) -> list[dict]:
         """Each prompt's legacy logprobs block (its first token's logprob null), scored on the
         engine thread (`AsyncEngine.prompt_logprobs`) on admitted places."""
         self.admit(len(prompts))
         try:
             entries = await _unless_disconnected(request, asyncio.gather(
-                *(self.engine.prompt_logprobs(ids, top_n) for ids in prompts)))
+                *(self.engine.prompt_logprobs(ids, top_n, lora) for ids in prompts)))
             return await asyncio.to_thread(lambda: [proto.completion_logprobs(ids, lps, self.token_text, 0)
                                                     for ids, lps in zip(prompts, entries)])
         except Exception as exc:
@@ -211,10 +223,12 @@ class _Generation:
     places), merged into one stream of `(prompt index, output)` with metrics; leaving early, or
     `close` on any way out, aborts the unfinished ones."""
 
-    def __init__(self, server: _Server, prompts, params: SamplingParams | BeamSearchParams, request_id: str):
+    def __init__(self, server: _Server, prompts, params: SamplingParams | BeamSearchParams, request_id: str,
+                 lora: LoRARequest | None = None):
         self.server, self.params = server, params
         self.request_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-        self.gens = [server.engine.generate(prompt, params, rid, server.request_timeout, reserved=True)
+        self.gens = [server.engine.generate(prompt, params, rid, server.request_timeout, reserved=True,
+                                            lora_request=lora)
                      for prompt, rid in zip(prompts, self.request_ids)]
         self.timers = [server.metrics.timer() for _ in prompts]
         self.last: dict[int, RequestOutput] = {}
@@ -384,7 +398,8 @@ async def _run_to_end(request: Request, gen: _Generation, prompt_param: str,
 # ---- completions --------------------------------------------------------------------------------
 
 async def _completions(server: _Server, body: proto.CompletionRequest, request: Request) -> Response:
-    server.check_model(body.model)
+    lora = server.check_model(body.model)
+    model_name = lora.lora_name if lora else server.model_name
     params = body.sampling_params()
     prompts = body.prompts()
     request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -409,11 +424,11 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
     if echo_logprobs:
         truncate = getattr(params, "truncate_prompt_tokens", None)
         scored = [ids[-truncate:] if truncate else ids for ids in prompt_ids]
-        prompt_blocks = await server.prompt_logprobs(request, scored, body.logprobs)
+        prompt_blocks = await server.prompt_logprobs(request, scored, body.logprobs, lora)
     if body.max_tokens == 0:
-        return _prompt_only_completion(server, body, request_id, n, [echo_text(i) for i in range(len(prompts))],
-                                       prompt_ids, prompt_blocks)
-    gen = await server.generate(len(prompts), lambda: prompt_ids or prompts, params, request_id, "prompt")
+        return _prompt_only_completion(server, body, request_id, model_name, n,
+                                       [echo_text(i) for i in range(len(prompts))], prompt_ids, prompt_blocks)
+    gen = await server.generate(len(prompts), lambda: prompt_ids or prompts, params, request_id, "prompt", lora)
 
     def choice_logprobs(choice: CompletionOutput, start_token: int, text_offset: int, i: int, first: bool):
         """The block of tokens `start_token`... of `choice` (whose text starts at `text_offset`),
@@ -436,7 +451,7 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
                                                       logprobs=choice_logprobs(c, 0, len(prefix), i, True),
                                                       finish_reason=c.finish_reason,
                                                       xray=records and server.xray_tokens(records.tokens(i, c.index))))
-        return JSONResponse(proto.CompletionResponse(id=request_id, model=server.model_name, choices=choices,
+        return JSONResponse(proto.CompletionResponse(id=request_id, model=model_name, choices=choices,
                                                      usage=gen.usage(), system_fingerprint=server.fingerprint,
                                                      xray=server.xray_prompt(gen.last[0]) if gen.last else None
                                                      ).model_dump())
@@ -444,7 +459,7 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
     created = int(time.time())
 
     def event(choices: list[proto.CompletionChoice], usage: proto.Usage | None = None, xray: dict | None = None) -> str:
-        return _chunk_event(proto.CompletionResponse(id=request_id, created=created, model=server.model_name,
+        return _chunk_event(proto.CompletionResponse(id=request_id, created=created, model=model_name,
                                                      choices=choices, usage=usage, xray=xray,
                                                      system_fingerprint=server.fingerprint), body.include_usage)
 
@@ -483,7 +498,7 @@ async def _completions(server: _Server, body: proto.CompletionRequest, request: 
                              media_type="text/event-stream")
 
 
-def _prompt_only_completion(server: _Server, body: proto.CompletionRequest, request_id: str, n: int,
+def _prompt_only_completion(server: _Server, body: proto.CompletionRequest, request_id: str, model_name: str, n: int,
                             echoes: list[str], prompt_ids: list[list[int]], prompt_blocks: list[dict | None]
                             ) -> Response:
     """max_tokens 0: nothing generated; each choice is its echoed prompt (with the prompt's logprobs
@@ -493,7 +508,7 @@ def _prompt_only_completion(server: _Server, body: proto.CompletionRequest, requ
                                       logprobs=None if body.logprobs is None else prompt_blocks[i] or empty)
                for i in range(len(prompt_ids)) for j in range(n)]
     usage = proto.Usage.of(sum(map(len, prompt_ids)), 0)
-    response = proto.CompletionResponse(id=request_id, model=server.model_name, choices=choices, usage=usage,
+    response = proto.CompletionResponse(id=request_id, model=model_name, choices=choices, usage=usage,
                                         system_fingerprint=server.fingerprint)
     if not body.stream:
         return JSONResponse(response.model_dump())
@@ -509,7 +524,8 @@ def _prompt_only_completion(server: _Server, body: proto.CompletionRequest, requ
 # ---- chat completions ---------------------------------------------------------------------------
 
 async def _chat(server: _Server, body: proto.ChatCompletionRequest, request: Request) -> Response:
-    server.check_model(body.model)
+    lora = server.check_model(body.model)
+    model_name = lora.lora_name if lora else server.model_name
     plan = tools.ToolPlan.of(body.tools, body.tool_choice, body.parallel_tool_calls)
     params = tools.constrain(plan, body.sampling_params())
     tokenizer = server.require_tokenizer("messages")
@@ -517,7 +533,7 @@ async def _chat(server: _Server, body: proto.ChatCompletionRequest, request: Req
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     top_n = body.top_logprobs or 0
     gen = await server.generate(1, lambda: [tokenizer.apply_chat_template(messages, tools=template_tools)],
-                                params, request_id, "messages")
+                                params, request_id, "messages", lora)
 
     def logprobs(choice: CompletionOutput, start: int):
         if choice.logprobs is None:
@@ -535,7 +551,7 @@ async def _chat(server: _Server, body: proto.ChatCompletionRequest, request: Req
                                                                                        tool_calls=tool_calls),
                                             logprobs=logprobs(c, 0), finish_reason=finish_reason,
                                             xray=records and server.xray_tokens(records.tokens(0, c.index))))
-        return JSONResponse(proto.ChatCompletionResponse(id=request_id, model=server.model_name, choices=choices,
+        return JSONResponse(proto.ChatCompletionResponse(id=request_id, model=model_name, choices=choices,
                                                          usage=gen.usage(), system_fingerprint=server.fingerprint,
                                                          xray=server.xray_prompt(output)).model_dump())
 
@@ -544,7 +560,7 @@ async def _chat(server: _Server, body: proto.ChatCompletionRequest, request: Req
     streams: dict[int, tools.ToolCallStream] = {}
 
     def event(choices: list[proto.ChatChunkChoice], usage: proto.Usage | None = None, xray: dict | None = None) -> str:
-        return _chunk_event(proto.ChatCompletionChunk(id=request_id, created=created, model=server.model_name,
+        return _chunk_event(proto.ChatCompletionChunk(id=request_id, created=created, model=model_name,
                                                       choices=choices, usage=usage, xray=xray,
                                                       system_fingerprint=server.fingerprint), body.include_usage)
 
@@ -637,12 +653,13 @@ def _as_async_engine(engine: dict | LLMEngine | AsyncEngine) -> tuple[AsyncEngin
 def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, api_key: str | None = None,
               max_waiting: int = DEFAULT_MAX_WAITING,
               request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT, metrics_public: bool = False,
-              max_body_size: int | str | None = None) -> FastAPI:
+              max_body_size: int | str | None = None, lora_modules: dict[str, str] | None = None) -> FastAPI:
     """An app serving `engine`: `create_engine` keyword arguments (the model is loaded now), an `LLMEngine`
     (driven by a new thread) or a running `AsyncEngine` (shared; its owner stops it). With
     `api_key`, every route but GET /health (and /metrics if `metrics_public`) requires it.
     Requests beyond `max_waiting` queued ones get 429; a request running over `request_timeout`
-    seconds is aborted; a body over `max_body_size` bytes (e.g. "8MiB"; default 4 MiB) gets 413."""
+    seconds is aborted; a body over `max_body_size` bytes (e.g. "8MiB"; default 4 MiB) gets 413.
+    `lora_modules` (name -> PEFT directory) are loaded now and served as models of those names."""
     body_limit = parse_bytes(DEFAULT_MAX_BODY_SIZE if max_body_size is None else max_body_size, "max_body_size")
     async_engine, owned = _as_async_engine(engine)
 
@@ -656,6 +673,7 @@ def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, ap
     app.openapi = lambda: openapi(app)  # what the server really answers (see server/openapi.py)
     metrics = ServerMetrics(async_engine)
     server = _Server(async_engine, metrics, served_model_name, max_waiting, request_timeout)
+    server.adapters.load_at_start(lora_modules or {})
     app.state.engine = async_engine
     app.state.metrics = metrics
     app.add_middleware(Guard, api_key=api_key, metrics_public=metrics_public, max_body_size=body_limit)
@@ -678,12 +696,24 @@ def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, ap
 
     @v1.get("/models")
     async def models() -> dict:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(), *server.adapters.cards(server.max_model_len)]}
 
     @v1.get("/models/{model_id:path}")
     async def model(model_id: str) -> dict:
-        server.check_model(model_id)
-        return model_card()
+        lora = server.check_model(model_id)
+        if lora is None:
+            return model_card()
+        return next(card for card in server.adapters.cards(server.max_model_len) if card["id"] == model_id)
+
+    @v1.post("/load_lora_adapter")
+    async def load_lora_adapter(body: proto.LoadLoRAAdapterRequest) -> dict:
+        """Load a PEFT LoRA adapter and serve it as the model `lora_name` (needs --enable-lora)."""
+        return await server.adapters.load(body.lora_name, body.lora_path)
+
+    @v1.post("/unload_lora_adapter")
+    async def unload_lora_adapter(body: proto.UnloadLoRAAdapterRequest) -> dict:
+        """Stop serving adapter `lora_name`; requests already running on it finish with it."""
+        return await server.adapters.unload(body.lora_name)
 
     @v1.get("/engine/status")
     async def engine_status(steps: int = 64) -> Response:

@@ -1,8 +1,8 @@
 """`AsyncEngine`: drives the synchronous `LLMEngine` from one background thread for asyncio code.
 
-Only the engine thread touches the engine. Handlers send it commands (add, abort, stop) through a
-thread-safe queue and read each request's outputs from an `asyncio.Queue` that the thread feeds
-with `loop.call_soon_threadsafe`. `add_request` validation errors travel back through a future,
+Only the engine thread touches the engine. Handlers send it commands (add, abort, score, a call
+such as loading an adapter, stop) through a thread-safe queue and read each request's outputs
+from an `asyncio.Queue` that the thread feeds with `loop.call_soon_threadsafe`. `add_request` validation errors travel back through a future,
 so a handler can answer 400 before streaming anything. The thread sleeps on the command queue
 while no request is unfinished. A failing `step()` fails the requests in flight, never the loop.
 After every command and step the thread publishes queue and KV-cache figures for metrics and
@@ -20,13 +20,14 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
 
 from lmserve.engine.llm_engine import EngineStats, LLMEngine
 from lmserve.errors import LmserveError
+from lmserve.lora import LoRARequest
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams
 
@@ -66,6 +67,7 @@ class _Add:
     params: SamplingParams
     stream: _Stream
     accepted: concurrent.futures.Future
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
@@ -77,6 +79,15 @@ class _Abort:
 class _Score:
     token_ids: list[int]
     top_n: int
+    result: concurrent.futures.Future
+    lora_request: LoRARequest | None = None
+
+
+@dataclass
+class _Call:
+    """Run `function(engine)` on the engine thread between steps (adapter loading and unloading)."""
+
+    function: Callable[[LLMEngine], object]
     result: concurrent.futures.Future
 
 
@@ -141,9 +152,10 @@ class AsyncEngine:
     # ---- requests (event loop) --------------------------------------------------------------
 
     def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                 timeout: float | None = None, reserved: bool = False) -> AsyncIterator[RequestOutput]:
-        """Submit the request now (`reserved`: already counted by `reserve`) and return its
-        outputs until it finishes. Iterating raises `LmserveError` from validation,
+                 timeout: float | None = None, reserved: bool = False,
+                 lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit the request now (`reserved`: already counted by `reserve`), on the LoRA adapter
+        of `lora_request` if given, and return its outputs until it finishes. Iterating raises `LmserveError` from validation,
         `RequestTimeoutError` after `timeout` seconds, `EngineStepError` if a step failed.
         Leaving the iteration early (cancellation, disconnect, error) aborts the request in the
         engine; so does `abort`, for outputs never iterated."""
@@ -155,7 +167,7 @@ class AsyncEngine:
             if not reserved:
                 with self._pending_lock:
                     self._pending_adds += 1
-            self._commands.put(_Add(request_id, prompt, params, stream, accepted))
+            self._commands.put(_Add(request_id, prompt, params, stream, accepted, lora_request))
         else:
             if reserved:
                 self.release(1)
@@ -166,17 +178,26 @@ class AsyncEngine:
         """Abort a submitted request (a no-op once it has finished)."""
         self._commands.put(_Abort(request_id))
 
-    def prompt_logprobs(self, token_ids: list[int], top_n: int = 0) -> Awaitable[list[dict[int, float] | None]]:
+    def prompt_logprobs(self, token_ids: list[int], top_n: int = 0,
+                        lora_request: LoRARequest | None = None) -> Awaitable[list[dict[int, float] | None]]:
         """Per token of `token_ids` its log-probability given the tokens before it, as
         `{token: logprob}` plus the `top_n` most likely tokens there (None for the first token):
         `LLMEngine.score` run on the engine thread between steps. Raises `LmserveError` for ids
         outside the vocabulary or over the context limit."""
+        return asyncio.wrap_future(self._submit(lambda result: _Score(list(token_ids), top_n, result, lora_request)))
+
+    def call(self, function: Callable[[LLMEngine], object]) -> concurrent.futures.Future:
+        """`function(engine)` run on the engine thread between steps: a future of its result
+        (`asyncio.wrap_future` it on the event loop)."""
+        return self._submit(lambda result: _Call(function, result))
+
+    def _submit(self, make_command) -> concurrent.futures.Future:
         result: concurrent.futures.Future = concurrent.futures.Future()
         if self.is_alive:
-            self._commands.put(_Score(list(token_ids), top_n, result))
+            self._commands.put(make_command(result))
         else:
             result.set_exception(EngineUnavailableError("the server is shutting down"))
-        return asyncio.wrap_future(result)
+        return result
 
     async def _outputs(self, request_id: str, stream: _Stream, accepted: concurrent.futures.Future,
                        timeout: float | None, deadline: float | None) -> AsyncIterator[RequestOutput]:
@@ -236,6 +257,12 @@ class AsyncEngine:
                 self._publish_stats(taken=1)
             elif isinstance(command, _Score):
                 self._scores.append(command)
+            elif isinstance(command, _Call):
+                if command.result.set_running_or_notify_cancel():
+                    try:
+                        command.result.set_result(command.function(self.engine))
+                    except Exception as exc:
+                        command.result.set_exception(exc)
             else:
                 self.engine.abort_request(command.request_id)
                 self._streams.pop(command.request_id, None)
@@ -245,7 +272,7 @@ class AsyncEngine:
         if not command.accepted.set_running_or_notify_cancel():
             return  # the handler went away (cancelled or timed out) before the request was taken
         try:
-            self.engine.add_request(command.prompt, command.params, command.request_id)
+            self.engine.add_request(command.prompt, command.params, command.request_id, command.lora_request)
         except Exception as exc:  # validation errors go back to the handler as they are
             command.accepted.set_exception(exc)
             return
@@ -261,6 +288,8 @@ class AsyncEngine:
                 break
             if isinstance(command, _Add) and command.accepted.set_running_or_notify_cancel():
                 command.accepted.set_exception(EngineUnavailableError("the server is shutting down"))
+            elif isinstance(command, _Call) and command.result.set_running_or_notify_cancel():
+                command.result.set_exception(EngineUnavailableError("the server is shutting down"))
             elif isinstance(command, _Score):
                 self._scores.append(command)
         for command in self._scores:
@@ -284,7 +313,7 @@ class AsyncEngine:
             if not command.result.set_running_or_notify_cancel():
                 continue  # the handler went away
             try:
-                logits = self.engine.score(command.token_ids)
+                logits = self.engine.score(command.token_ids, command.lora_request)
                 command.result.set_result(logprobs_of_logits(logits, command.token_ids, command.top_n))
             except Exception as exc:
                 command.result.set_exception(exc)

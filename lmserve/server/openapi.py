@@ -28,7 +28,11 @@ _ERRORS = {400: "Invalid JSON, parameter or text (the OpenAI error body names th
 _ANY_OBJECT = {"type": "object"}
 _MODEL_CARD = {"type": "object", "required": ["id", "object", "created", "owned_by"], "properties": {
     "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
-    "owned_by": {"type": "string"}, "max_model_len": {"type": "integer"}}}
+    "owned_by": {"type": "string"}, "max_model_len": {"type": "integer"},
+    "parent": {"type": "string"}, "root": {"type": "string"}}}  # parent, root: LoRA adapters
+_LORA_ADAPTER = {"type": "object", "required": ["object", "lora_name", "status"], "properties": {
+    "object": {"const": "lora_adapter"}, "lora_name": {"type": "string"}, "lora_path": {"type": "string"},
+    "status": {"enum": ["loaded", "unloaded"]}}}
 
 
 def _json(schema: dict) -> dict:
@@ -76,6 +80,8 @@ def _route_docs() -> dict[tuple[str, str], tuple[dict, tuple[int, ...]]]:
             "prompt": {"type": "string"}}}), (400, 401, 404, 413, 500)),
         ("get", "/tokenizer_info"): (_json(_ANY_OBJECT), (400, 401, 500)),
         ("get", "/v1/engine/status"): (_json(_ANY_OBJECT), (400, 401, 500)),
+        ("post", "/v1/load_lora_adapter"): (_json(_LORA_ADAPTER), (400, 401, 413, 500, 503)),
+        ("post", "/v1/unload_lora_adapter"): (_json(_LORA_ADAPTER), (400, 401, 404, 413, 500, 503)),
     }
 
 

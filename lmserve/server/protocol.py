@@ -320,6 +320,16 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
+class LoadLoRAAdapterRequest(_Request):
+    lora_name: Text
+    lora_path: Text
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    lora_name: Text
+    lora_int_id: int | None = None  # accepted as vLLM's clients send it; the name decides
+
+
 # ---- responses and stream chunks ----------------------------------------------------------------
 # The non-streamed bodies and the server-sent chunks of /v1/completions and /v1/chat/completions.
 # A completions stream chunk has the shape of the completions response; chat has a chunk model of
