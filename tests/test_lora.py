@@ -57,12 +57,13 @@ def test_mixed_batch_of_three_adapters_and_the_base_matches_peft(family):
     llm.generate([PROMPT], GREEDY, use_tqdm=False)
     recorder = LogitRecorder(llm.engine.sampler)
     llm.engine.sampler = recorder
-    prompts = [PROMPT, PROMPT[:9], PROMPT[:14], PROMPT[3:8]]
-    names = ["qv", None, "all", "q_down"]
+    # "qv" twice, apart: the runner groups its rows, the logits come back in request order
+    prompts = [PROMPT, PROMPT[:9], PROMPT[:14], PROMPT[3:8], PROMPT[6:17]]
+    names = ["qv", None, "all", "q_down", "qv"]
     outs = llm.generate(prompts, GREEDY, use_tqdm=False,
                         lora_request=[adapters[n][0] if n else None for n in names])
-    steps = torch.stack(recorder.rows)  # [step, request, vocab]: all four run every step, in order
-    assert steps.shape[:2] == (16, 4)
+    steps = torch.stack(recorder.rows)  # [step, request, vocab]: all five run every step, in order
+    assert steps.shape[:2] == (16, 5)
     base_tokens = None
     for i, (prompt, name, out) in enumerate(zip(prompts, names, outs)):
         reference_model = adapters[name][1] if name else hf_model

@@ -13,6 +13,7 @@ first tells the adapters' shared state which token rows run which adapter.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import mmap
@@ -111,12 +112,32 @@ class ModelRunner:
         return self._forward(output.scheduled)
 
     def _forward(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
-        # The fused decoder knows no adapters: a step with LoRA rows runs through the modules.
-        with_lora = self.lora is not None and self.lora.begin_step(
-            [(r.seq.request.lora, r.num_tokens) for r in scheduled], self.device)
-        if self.fused_decode is not None and not with_lora and all(
-                r.num_tokens == 1 + r.num_spec_tokens for r in scheduled):
+        if self.lora is not None and any(r.seq.request.lora is not None for r in scheduled):
+            return self._lora_forward(scheduled)
+        if self.fused_decode is not None and all(r.num_tokens == 1 + r.num_spec_tokens for r in scheduled):
             return self._fused_decode_step(scheduled)
+        return self._module_forward(scheduled)
+
+    def _lora_forward(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
+        """A step with LoRA rows, through the modules (the fused decoder knows no adapters): the
+        sequences are laid out grouped by adapter, so each adapter's tokens are one span of rows,
+        and the logits come back in schedule order."""
+        groups: dict[object, int] = {}
+        order = sorted(range(len(scheduled)),
+                       key=lambda i: groups.setdefault(scheduled[i].seq.request.lora, len(groups)))
+        grouped = [scheduled[i] for i in order]
+        self.lora.begin_step([(r.seq.request.lora, r.num_tokens) for r in grouped])
+        try:
+            logits = self._module_forward(grouped)
+        finally:
+            self.lora.end_step()
+        if order == sorted(order):
+            return logits
+        first_row = dict(zip(order, itertools.accumulate((r.num_logits for r in grouped), initial=0)))
+        rows = [first_row[i] + k for i, r in enumerate(scheduled) for k in range(r.num_logits)]
+        return logits[torch.tensor(rows, device=logits.device)]
+
+    def _module_forward(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []

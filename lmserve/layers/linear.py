@@ -49,7 +49,7 @@ class Linear(nn.Module):
             y = self.packed(x)
             if self.bias is not None:
                 y = y + self.bias
-        if self.lora is not None and self.lora.groups:
+        if self.lora is not None and self.lora.spans:
             y = self.lora.apply(self.lora_key, x, y)
         return y
 

@@ -5,10 +5,10 @@ recently used first out; an adapter that a live request still runs with is never
 one that is removed (`remove`) stays with the requests already running on it until they finish:
 they hold the adapter object, only new requests can no longer name it.
 
-`LoRABatch` is shared by every `Linear` of the model: before a forward the runner tells it which
-rows of the step's flat token axis belong to which adapter (`begin_step`), and each projection
-then adds, per adapter present, `(x[rows] @ A^T) @ B^T` to those rows of its output — one pair of
-matmuls per adapter in the step, none per request, nothing for base rows.
+`LoRABatch` is shared by every `Linear` of the model: before a forward the runner lays the step's
+tokens out grouped by adapter and tells it which span of rows belongs to which adapter
+(`begin_step`); each projection then adds `(x[span] @ A^T) @ B^T` to those rows of its output,
+in place — one pair of matmuls per adapter in the step, none per request, nothing for base rows.
 """
 
 from __future__ import annotations
@@ -29,40 +29,36 @@ logger = logging.getLogger("lmserve")
 
 
 class LoRABatch:
-    """The adapters of one step: [(adapter, its rows on the flat token axis, or None for all)]."""
+    """The adapters of one step: [(adapter, first row, end row)] on the step's flat token axis,
+    whose rows the runner lays out grouped by adapter so that each adapter's rows are one span."""
 
     def __init__(self):
-        self.groups: list[tuple[LoRAAdapter, torch.Tensor | None]] = []
+        self.spans: list[tuple[LoRAAdapter, int, int]] = []
 
-    def begin_step(self, row_adapters: list[tuple[LoRAAdapter | None, int]], device: torch.device) -> bool:
+    def begin_step(self, row_adapters: list[tuple[LoRAAdapter | None, int]]) -> None:
         """`row_adapters`: each scheduled sequence's adapter (None: base) and its token count, in
-        step order. Returns whether any row has an adapter."""
-        rows: dict[LoRAAdapter, list[range]] = {}
+        the order of the step's tokens."""
+        self.spans = []
         start = 0
         for adapter, count in row_adapters:
             if adapter is not None:
-                rows.setdefault(adapter, []).append(range(start, start + count))
+                if self.spans and self.spans[-1][0] is adapter and self.spans[-1][2] == start:
+                    self.spans[-1] = (adapter, self.spans[-1][1], start + count)
+                else:
+                    self.spans.append((adapter, start, start + count))
             start += count
-        self.groups = []
-        for adapter, spans in rows.items():
-            if len(spans) == 1 and spans[0] == range(0, start):
-                self.groups.append((adapter, None))
-            else:
-                index = [i for span in spans for i in span]
-                self.groups.append((adapter, torch.tensor(index, dtype=torch.long, device=device)))
-        return bool(self.groups)
+
+    def end_step(self) -> None:
+        self.spans = []
 
     def apply(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """`y` (the base projection of `x`, a fresh tensor) plus the LoRA updates of module `key`."""
-        for adapter, rows in self.groups:
+        """`y` (the base projection of `x`, a fresh tensor) plus the LoRA updates of module `key`,
+        written into y's rows in place: two matmuls per adapter span."""
+        for adapter, start, end in self.spans:
             factors = adapter.weights.get(key)
-            if factors is None:
-                continue
-            a, b = factors
-            if rows is None:
-                y = torch.addmm(y, x @ a.t(), b.t())
-            else:
-                y.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
+            if factors is not None:
+                a, b = factors
+                y[start:end].addmm_(x[start:end] @ a.t(), b.t())
         return y
 
 
