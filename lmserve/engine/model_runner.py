@@ -17,6 +17,7 @@ import itertools
 import logging
 import math
 import mmap
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +37,25 @@ def _block_tables(seqs: list, width: int) -> torch.Tensor:
     """[len(seqs), width] int64: each sequence's first `width` cache blocks, padded with block 0."""
     tables = [s.block_table[:width] for s in seqs]
     return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+
+
+@dataclass
+class StepInputs:
+    """One step as a runner runs it: block operations first, then (when sequences are scheduled)
+    the tokens and their metadata. Module path: flat tokens, their cache slots and attention
+    groups, and LoRA spans; fused decode: tokens, positions and block tables. `sample_index`
+    picks the rows that are turned into logits (None: all), `logits_order` puts those back in
+    schedule order when the rows were regrouped."""
+
+    block_ops: list[BlockOp]
+    input_ids: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    slot_mapping: torch.Tensor | None = None
+    groups: list[AttentionGroup] = field(default_factory=list)
+    block_tables: torch.Tensor | None = None  # set on the fused decode path only
+    sample_index: torch.Tensor | None = None
+    lora_spans: list[tuple[object, int]] = field(default_factory=list)  # (adapter or None, tokens) in row order
+    logits_order: torch.Tensor | None = None
 
 
 def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -105,20 +125,45 @@ class ModelRunner:
         """Run the step's block operations, then forward its tokens; returns fp32 logits
         [num sampling rows, vocab] in schedule order (None when no sequence is scheduled): one row
         per sampling sequence, 1 + k for one verifying k proposals."""
-        for op in output.block_ops:
-            self._run_block_op(op)
-        if not output.scheduled:
-            return None
-        return self._forward(output.scheduled)
+        return self.run(self.prepare(output))
 
-    def _forward(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
+    def prepare(self, output: SchedulerOutput) -> StepInputs:
+        """The step's inputs as plain tensors: all a runner needs to run it (`run`), so that the
+        ranks of a tensor-parallel group run a step prepared once, on rank 0."""
+        scheduled = output.scheduled
+        inputs = StepInputs(output.block_ops)
+        if not scheduled:
+            return inputs
         if self.lora is not None and any(r.seq.request.lora is not None for r in scheduled):
-            return self._lora_forward(scheduled)
+            return self._prepare_lora(scheduled, inputs)
         if self.fused_decode is not None and all(r.num_tokens == 1 + r.num_spec_tokens for r in scheduled):
-            return self._fused_decode_step(scheduled)
-        return self._module_forward(scheduled)
+            return self._prepare_fused(scheduled, inputs)
+        return self._prepare_modules(scheduled, inputs)
 
-    def _lora_forward(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
+    @torch.inference_mode()
+    def run(self, inputs: StepInputs) -> torch.Tensor | None:
+        for op in inputs.block_ops:
+            self._run_block_op(op)
+        if inputs.input_ids is None:
+            return None
+        if inputs.block_tables is not None:
+            hidden = self.fused_decode.forward(inputs.input_ids, inputs.positions, inputs.block_tables,
+                                               self.block_size)
+        else:
+            if inputs.lora_spans:
+                self.lora.begin_step(inputs.lora_spans)
+            try:
+                meta = AttentionMetadata(inputs.slot_mapping, inputs.groups, inputs.input_ids.numel())
+                hidden = self.model(inputs.input_ids, inputs.positions, meta)
+            finally:
+                if inputs.lora_spans:
+                    self.lora.end_step()
+        if inputs.sample_index is not None:
+            hidden = hidden[inputs.sample_index]
+        logits = self.model.compute_logits(hidden)
+        return logits if inputs.logits_order is None else logits[inputs.logits_order]
+
+    def _prepare_lora(self, scheduled: list[ScheduledSequence], inputs: StepInputs) -> StepInputs:
         """A step with LoRA rows, through the modules (the fused decoder knows no adapters): the
         sequences are laid out grouped by adapter, so each adapter's tokens are one span of rows,
         and the logits come back in schedule order."""
@@ -126,18 +171,15 @@ class ModelRunner:
         order = sorted(range(len(scheduled)),
                        key=lambda i: groups.setdefault(scheduled[i].seq.request.lora, len(groups)))
         grouped = [scheduled[i] for i in order]
-        self.lora.begin_step([(r.seq.request.lora, r.num_tokens) for r in grouped])
-        try:
-            logits = self._module_forward(grouped)
-        finally:
-            self.lora.end_step()
-        if order == sorted(order):
-            return logits
-        first_row = dict(zip(order, itertools.accumulate((r.num_logits for r in grouped), initial=0)))
-        rows = [first_row[i] + k for i, r in enumerate(scheduled) for k in range(r.num_logits)]
-        return logits[torch.tensor(rows, device=logits.device)]
+        self._prepare_modules(grouped, inputs)
+        inputs.lora_spans = [(r.seq.request.lora, r.num_tokens) for r in grouped]
+        if order != sorted(order):
+            first_row = dict(zip(order, itertools.accumulate((r.num_logits for r in grouped), initial=0)))
+            rows = [first_row[i] + k for i, r in enumerate(scheduled) for k in range(r.num_logits)]
+            inputs.logits_order = torch.tensor(rows, device=self.device)
+        return inputs
 
-    def _module_forward(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
+    def _prepare_modules(self, scheduled: list[ScheduledSequence], inputs: StepInputs) -> StepInputs:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -160,11 +202,14 @@ class ModelRunner:
         if len(groups) == 1 and groups[0].token_index.numel() == len(input_ids):
             groups[0].covers_step = True
         dev = self.device
-        meta = AttentionMetadata(torch.tensor(slots, device=dev), groups, len(input_ids))
-        hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta)
-        return self.model.compute_logits(hidden[torch.tensor(sample_index, dtype=torch.long, device=dev)])
+        inputs.input_ids = torch.tensor(input_ids, device=dev)
+        inputs.positions = torch.tensor(positions, device=dev)
+        inputs.slot_mapping = torch.tensor(slots, device=dev)
+        inputs.groups = groups
+        inputs.sample_index = torch.tensor(sample_index, dtype=torch.long, device=dev)
+        return inputs
 
-    def _fused_decode_step(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
+    def _prepare_fused(self, scheduled: list[ScheduledSequence], inputs: StepInputs) -> StepInputs:
         """A step that adds one token per sequence (plus its proposals, if any), through the
         fused native decoder: its metadata is only the tokens, their positions and the block
         tables. A sequence verifying k proposals takes 1 + k rows with the same block table and
@@ -178,11 +223,12 @@ class ModelRunner:
             positions.extend(range(c, c + r.num_tokens))
             seqs.extend([seq] * r.num_tokens)
             sample_rows.extend(range(len(tokens) - r.num_logits, len(tokens)))
-        tables = _block_tables(seqs, max(len(s.block_table) for s in seqs))
-        hidden = self.fused_decode.forward(torch.tensor(tokens), torch.tensor(positions), tables, self.block_size)
+        inputs.input_ids = torch.tensor(tokens)
+        inputs.positions = torch.tensor(positions)
+        inputs.block_tables = _block_tables(seqs, max(len(s.block_table) for s in seqs))
         if len(sample_rows) != len(tokens):
-            hidden = hidden[torch.tensor(sample_rows, dtype=torch.long)]
-        return self.model.compute_logits(hidden)
+            inputs.sample_index = torch.tensor(sample_rows, dtype=torch.long)
+        return inputs
 
     # ---- block copies and the swap tier (decided by the scheduler, run before a forward) ----
 
