@@ -245,6 +245,8 @@ class EngineConfig:
     speculative: SpeculativeConfig | dict | None = None
     # LoRA adapters (requests name theirs with a LoRARequest): at most `max_loras` different
     # adapters in one step, ranks up to `max_lora_rank`, `max_cpu_loras` kept loaded (default max_loras).
+    # Ranks the model is split over (lmserve.parallel): this process and N - 1 it starts.
+    tensor_parallel_size: int = 1
     enable_lora: bool = False
     max_loras: int = 4
     max_lora_rank: int = 64
@@ -275,7 +277,8 @@ class EngineConfig:
         if self.max_cpu_loras is None:
             self.max_cpu_loras = self.max_loras
         for name, low in (("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("max_loras", 1),
-                          ("max_lora_rank", 1), ("max_cpu_loras", 1)):
+                          ("max_lora_rank", 1), ("max_cpu_loras", 1),
+                          ("tensor_parallel_size", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise InvalidParameterError(name, f"must be an integer >= {low}, got {value!r}")
@@ -288,5 +291,7 @@ class EngineConfig:
                                                            f"got {self.preemption_mode!r}")
         self.swap_space_bytes = parse_bytes(self.swap_space, "swap_space")
         self.speculative = SpeculativeConfig.from_options(self.speculative)
+        if self.tensor_parallel_size > 1 and self.enable_lora:
+            raise InvalidParameterError("enable_lora", "LoRA adapters are not served with tensor_parallel_size > 1")
         if self.max_cpu_loras < self.max_loras:
             raise InvalidParameterError("max_cpu_loras", f"{self.max_cpu_loras} is below max_loras ({self.max_loras})")

@@ -27,5 +27,9 @@ class InvalidParameterError(LmserveError, ValueError):
         super().__init__(f"{field}: {message}")
 
 
+class EngineDeadError(LmserveError):
+    """The engine cannot run steps any more (a tensor-parallel rank died or hung)."""
+
+
 class ContextLengthError(InvalidParameterError):
     """A request does not fit the model's context window."""

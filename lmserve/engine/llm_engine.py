@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
@@ -39,9 +40,12 @@ from lmserve.engine.speculative import SpecStats, Speculator
 from lmserve.engine.scoring import score_sequence
 from lmserve.engine.sequence import Request, Sequence
 from lmserve.engine.structured_output import StructuredOutputManager
+from lmserve.engine.tensor_parallel import TensorParallelRunner, Workers
 from lmserve.engine import xray
+from lmserve import parallel
 from lmserve.errors import InvalidParameterError
 from lmserve.loader import Checkpoint
+from lmserve.models import registry
 from lmserve.lora import LoRARequest
 from lmserve.lora.manager import LoRAManager
 from lmserve.outputs import RequestOutput
@@ -69,11 +73,13 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer
         num_blocks = num_kv_blocks_for(cfg, engine_config)
         self.max_model_len = context_limit(cfg, engine_config, num_blocks)
+        num_swap_blocks = num_swap_blocks_for(cfg, engine_config)
+        self.workers = self._start_workers(num_blocks, num_swap_blocks)
         start = time.perf_counter()
-        self.model = build_model(checkpoint, engine_config, self.max_model_len)
+        with parallel.building(self.workers.group if self.workers is not None else parallel.SINGLE):
+            self.model = build_model(checkpoint, engine_config, self.max_model_len)
         logger.info("loaded %s (%s) in %.1f s", checkpoint.path, cfg.architecture, time.perf_counter() - start)
         salt = f"{checkpoint.path}|{engine_config.torch_dtype}|{engine_config.kv_cache_dtype}"  # what changes K/V
-        num_swap_blocks = num_swap_blocks_for(cfg, engine_config)
         self.block_manager = BlockManager(num_blocks, engine_config.block_size,
                                           engine_config.enable_prefix_caching, salt, num_swap_blocks,
                                           common_sliding_window(self.model))
@@ -88,6 +94,9 @@ class LLMEngine:
                                   self.lora.batch if self.lora is not None else None)
         if num_swap_blocks:
             self.runner.allocate_swap_space(num_swap_blocks)
+        if self.workers is not None:
+            self.workers.wait_ready()
+            self.runner = TensorParallelRunner(self.runner, self.workers)
         self.sampler = Sampler()
         stop_ids = self.tokenizer.stop_token_ids if self.tokenizer is not None else cfg.eos_token_ids
         self.stop_token_ids = frozenset(stop_ids)
@@ -101,6 +110,25 @@ class LLMEngine:
         self.num_steps = 0  # engine steps run (the X-ray's and the timeline's step index)
         self.xray_requests: set[str] = set()  # live requests with params.xray (engine/xray.py)
         self.timeline = xray.Timeline()  # recent steps' composition, while watched
+
+    def _start_workers(self, num_blocks: int, num_swap_blocks: int) -> Workers | None:
+        """The other ranks of a tensor-parallel engine, started (None for one rank)."""
+        size = self.config.tensor_parallel_size
+        if size == 1:
+            return None
+        cfg = self.model_config
+        if not registry.family(cfg.architecture).tensor_parallel:
+            raise InvalidParameterError("tensor_parallel_size", f"the {cfg.architecture} family does not split "
+                                                                f"across ranks; use 1")
+        parallel.check_split(cfg.num_heads, cfg.num_kv_heads, size)
+        workers = Workers(str(self.checkpoint.path), self.config, num_blocks, num_swap_blocks, self.max_model_len)
+        weakref.finalize(self, workers.close)
+        return workers
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done when the engine is collected)."""
+        if self.workers is not None:
+            self.workers.close()
 
     def _speculator(self, spec: SpeculativeConfig | None, num_blocks: int) -> Speculator | None:
         if spec is None:

@@ -82,11 +82,11 @@ class ModelRunner:
         self.dtype = engine_config.torch_dtype
         self.block_size = engine_config.block_size
         num_slots = num_blocks * self.block_size
-        shape = (2, num_slots, model_config.num_kv_heads, model_config.head_dim)
         layers = model.attention_layers()
-        self.kv_caches = [zeros_on_demand(shape, engine_config.kv_torch_dtype, self.device) for _ in layers]
+        shapes = [(2, num_slots, layer.num_kv_heads, layer.head_dim) for layer in layers]  # this rank's heads
+        self.kv_caches = [zeros_on_demand(shape, engine_config.kv_torch_dtype, self.device) for shape in shapes]
         self.kv_scales = [torch.ones(shape[:3], dtype=torch.float32, device=self.device)
-                          if engine_config.kv_quantized else None for _ in layers]
+                          if engine_config.kv_quantized else None for shape in shapes]
         for layer, cache, scales in zip(layers, self.kv_caches, self.kv_scales):
             layer.kv_cache, layer.kv_scales = cache, scales
         total = sum(t.numel() * t.element_size() for t in self.kv_caches + self.kv_scales if t is not None)

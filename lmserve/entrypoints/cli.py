@@ -45,6 +45,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="the draft model for --speculative-method draft (same vocabulary as the model)")
     p.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="tokens proposed per step with --speculative-method (default 4)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over N processes (torch.distributed, gloo on CPU); default 1")
     p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters on the model")
     p.add_argument("--max-loras", type=int, default=4, help="different LoRA adapters in one step (default 4)")
     p.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank accepted (default 64)")
@@ -169,7 +171,8 @@ def _llm(args):
                    max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                    kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
                    deterministic=args.deterministic, enforce_eager=args.enforce_eager,
-                   speculative=_speculative(args), max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                   speculative=_speculative(args), tensor_parallel_size=args.tensor_parallel_size,
+                   max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                    max_cpu_loras=args.max_cpu_loras, enable_lora=args.enable_lora or bool(
                        getattr(args, "lora_modules", None) or getattr(args, "lora", None)))
     finally:

@@ -10,6 +10,7 @@ weight after loading (weight-only int8/int4 at load).
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve import parallel
 from lmserve.quant.gguf_blocks import GroupQuantized
 from lmserve.quant.packed import pack, quantize_int4, quantize_int8
 
@@ -24,14 +26,25 @@ logger = logging.getLogger("lmserve")
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b); W dense, or packed once quantized shards have loaded."""
+    """y = x W^T (+ b); W dense, or packed once quantized shards have loaded.
+
+    Under tensor parallelism a layer holds part of the checkpoint's weight: `checkpoint_rows`
+    (column-parallel: the output rows of each shard this rank computes) or `checkpoint_cols`
+    (row-parallel: the input columns it receives; its partial outputs are summed across the
+    ranks before the bias is added). Both default to the whole weight."""
 
     accepts_packed = True
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 checkpoint_rows: slice | None = None, checkpoint_cols: slice | None = None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        split = parallel.current().size > 1
+        self.checkpoint_rows: dict[str | None, slice] | None = {None: checkpoint_rows} \
+            if split and checkpoint_rows is not None else None
+        self.checkpoint_cols = checkpoint_cols if split else None
+        self.reduce_group = parallel.current() if self.checkpoint_cols is not None else None
         # torch.empty does not touch its pages, so a weight that arrives packed costs no memory.
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
@@ -43,7 +56,12 @@ class Linear(nn.Module):
         self.lora_key = ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
+        if self.reduce_group is not None:  # row-parallel: the bias once, after the sum
+            y = F.linear(x, self.weight) if self.packed is None else self.packed(x)
+            y = self.reduce_group.all_reduce(y)
+            if self.bias is not None:
+                y = y + self.bias
+        elif self.packed is None:
             y = F.linear(x, self.weight, self.bias)
         else:
             y = self.packed(x)
@@ -60,6 +78,7 @@ class Linear(nn.Module):
         return slice(0, self.out_features)
 
     def load_shard(self, param_name: str, tensor, shard: str | None = None) -> None:
+        tensor = self._local_part(param_name, tensor, shard)
         if isinstance(tensor, GroupQuantized):
             if param_name != "weight":
                 tensor = torch.from_numpy(tensor.dequantize())
@@ -73,6 +92,20 @@ class Linear(nn.Module):
         if shard is not None:
             target = target[self.shard_rows(shard)]
         copy_checked(target, tensor, f"{param_name}[{shard}]" if shard else param_name)
+
+    def _local_part(self, param_name: str, tensor, shard: str | None):
+        """The part of a checkpoint tensor this rank holds (all of it without tensor parallelism)."""
+        if self.checkpoint_rows is not None:
+            if shard is None and None not in self.checkpoint_rows:  # fused shards in one checkpoint tensor
+                offsets = itertools.accumulate(self.checkpoint_sizes.values(), initial=0)
+                index = np.concatenate([np.arange(offset + rows.start, offset + rows.stop) for offset, rows
+                                        in zip(offsets, self.checkpoint_rows.values())])
+                tensor = _take_rows(tensor, index)
+            else:
+                tensor = _take_rows(tensor, self.checkpoint_rows[shard])
+        if self.checkpoint_cols is not None and param_name == "weight":
+            tensor = _take_cols(tensor, self.checkpoint_cols)
+        return tensor
 
     def finish_loading(self) -> None:
         """Pack the quantized shards once all have arrived (a fused weight whose shards came
@@ -104,10 +137,16 @@ class Linear(nn.Module):
 
 
 class MergedLinear(Linear):
-    """Several projections of the same input fused along the output dim (q|k|v or gate|up)."""
+    """Several projections of the same input fused along the output dim (q|k|v or gate|up).
+    Column-parallel, `checkpoint_rows` gives each shard's rows this rank keeps (`output_sizes`
+    are then those parts' sizes) and `checkpoint_sizes` the shards' sizes in the checkpoint,
+    for checkpoints that store them fused (Phi-3's qkv_proj, GPT-2's c_attn)."""
 
-    def __init__(self, in_features: int, output_sizes: dict[str, int], bias: bool = False):
+    def __init__(self, in_features: int, output_sizes: dict[str, int], bias: bool = False,
+                 checkpoint_rows: dict[str, slice] | None = None, checkpoint_sizes: dict[str, int] | None = None):
         super().__init__(in_features, sum(output_sizes.values()), bias)
+        self.checkpoint_rows = checkpoint_rows if parallel.current().size > 1 else None
+        self.checkpoint_sizes = checkpoint_sizes or output_sizes
         self.shard_slices: dict[str, slice] = {}
         offset = 0
         for name, size in output_sizes.items():
@@ -123,6 +162,25 @@ class MergedLinear(Linear):
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         sizes = [s.stop - s.start for s in self.shard_slices.values()]
         return list(y.split(sizes, dim=-1))
+
+
+def _take_rows(tensor, rows: slice | np.ndarray):
+    """Rows of a dense weight or bias, or of a quantized weight."""
+    if isinstance(tensor, GroupQuantized):
+        return tensor.map_rows(lambda array: array[rows])
+    return tensor[torch.from_numpy(rows) if isinstance(rows, np.ndarray) else rows]
+
+
+def _take_cols(tensor, cols: slice):
+    """Input columns of a dense or quantized weight; a quantized one is cut at whole groups."""
+    if not isinstance(tensor, GroupQuantized):
+        return tensor[:, cols]
+    if cols.start % tensor.group or cols.stop % tensor.group:
+        raise ValueError(f"columns {cols.start}:{cols.stop} do not fall on the quantization groups of "
+                         f"{tensor.group}; this tensor-parallel split cannot keep the weight packed")
+    groups = slice(cols.start // tensor.group, cols.stop // tensor.group)
+    bias = None if tensor.bias is None else tensor.bias[:, groups]
+    return GroupQuantized(tensor.q[:, cols], tensor.scale[:, groups], bias, tensor.group, tensor.levels)
 
 
 def _merge_rows(parts: list[GroupQuantized]) -> GroupQuantized:

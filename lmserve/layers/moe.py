@@ -9,6 +9,10 @@ Expert weights are stacked into two tensors, `gate_up_proj` [E, 2*I, H] (gate ro
 `Linear` layers, so they are stored dense in the compute dtype. The forward pass sorts the
 (token, expert) assignments by expert and runs one pair of matmuls per expert that received
 tokens, over all of its tokens in the batch at once.
+
+Under tensor parallelism every rank holds all experts, each cut along its intermediate dim (its
+gate/up rows, the matching down columns); the ranks' partial outputs are summed by one
+all-reduce per block.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve import parallel
 from lmserve.layers.activation import SiluAndMul
 from lmserve.layers.linear import Linear
 
@@ -36,17 +41,20 @@ class StackedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.num_experts = num_experts
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size),
-                                         requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size),
-                                      requires_grad=False)
-        self.shard_rows = {"gate": slice(0, intermediate_size), "up": slice(intermediate_size, 2 * intermediate_size)}
+        self.tp = parallel.current()
+        self.full_size = intermediate_size
+        self.local = self.tp.part(intermediate_size)  # this rank's slice of the intermediate dim
+        size = self.local.stop - self.local.start
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * size, hidden_size), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, size), requires_grad=False)
+        self.shard_rows = {"gate": slice(0, size), "up": slice(size, 2 * size)}
         self.act = SiluAndMul()
 
     def load_shard(self, param_name: str, tensor: torch.Tensor, shard: str | None = None,
                    expert: int | None = None) -> None:
         """Copy a checkpoint tensor into `param_name`: one expert's matrix (`expert` given) or all
         experts stacked, either whole or only its gate or up rows (`shard`)."""
+        tensor = self._local_part(param_name, tensor, shard)
         target = getattr(self, param_name).data
         if expert is not None:
             if not 0 <= expert < self.num_experts:
@@ -58,6 +66,17 @@ class StackedExperts(nn.Module):
             raise ValueError(f"shape mismatch for {param_name}[{shard or 'all'}]: checkpoint has "
                              f"{tuple(tensor.shape)}, model expects {tuple(target.shape)}")
         target.copy_(tensor)
+
+    def _local_part(self, param_name: str, tensor: torch.Tensor, shard: str | None) -> torch.Tensor:
+        """This rank's rows (gate, up) or columns (down) of a checkpoint tensor."""
+        if self.tp.size == 1:
+            return tensor
+        if param_name == "down_proj":
+            return tensor[..., self.local]
+        if shard is not None:
+            return tensor[..., self.local, :]
+        gate, up = tensor.split(self.full_size, dim=-2)  # gate and up stacked in one tensor
+        return torch.cat([gate[..., self.local, :], up[..., self.local, :]], dim=-2)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [T, H]; weights and experts [T, k]: token t gets sum_j weights[t, j] * expert_{experts[t, j]}(x[t])."""
@@ -77,7 +96,7 @@ class StackedExperts(nn.Module):
             grouped_out[rows] = F.linear(hidden, self.down_proj[expert])
             start += count
         grouped_out *= weights.flatten()[order].unsqueeze(1).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of, grouped_out)
+        return self.tp.all_reduce(torch.zeros_like(x).index_add_(0, token_of, grouped_out))
 
 
 class SparseMoeBlock(nn.Module):

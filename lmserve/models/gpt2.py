@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmserve import parallel
 from lmserve.config import ModelConfig
 from lmserve.errors import InvalidParameterError
 from lmserve.layers.activation import Activation
@@ -51,10 +52,14 @@ class GPT2Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = cfg.hidden_size
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.c_attn = _projection(Conv1DMergedLinear(hidden, {"q": hidden, "k": hidden, "v": hidden}, bias=True), cfg)
-        self.c_proj = _projection(Conv1DLinear(hidden, hidden, bias=True), cfg)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_heads, cfg.head_dim, cfg.head_dim ** -0.5)
+        heads, _ = parallel.current().heads(cfg.num_heads, cfg.num_heads)  # this rank's
+        self.num_heads, self.head_dim = heads.stop - heads.start, cfg.head_dim
+        rows, size = slice(heads.start * cfg.head_dim, heads.stop * cfg.head_dim), self.num_heads * cfg.head_dim
+        self.c_attn = _projection(Conv1DMergedLinear(
+            hidden, {"q": size, "k": size, "v": size}, bias=True, checkpoint_rows={"q": rows, "k": rows, "v": rows},
+            checkpoint_sizes={"q": hidden, "k": hidden, "v": hidden}), cfg)
+        self.c_proj = _projection(Conv1DLinear(size, hidden, bias=True, checkpoint_cols=rows), cfg)
+        self.attn = PagedAttention(self.num_heads, self.num_heads, cfg.head_dim, cfg.head_dim ** -0.5)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = (t.view(-1, self.num_heads, self.head_dim) for t in self.c_attn.split(self.c_attn(x)))
@@ -64,8 +69,10 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = _projection(Conv1DLinear(cfg.hidden_size, cfg.intermediate_size, bias=True), cfg)
-        self.c_proj = _projection(Conv1DLinear(cfg.intermediate_size, cfg.hidden_size, bias=True), cfg)
+        rows = parallel.current().part(cfg.intermediate_size, unit=32)  # this rank's slice
+        size = rows.stop - rows.start
+        self.c_fc = _projection(Conv1DLinear(cfg.hidden_size, size, bias=True, checkpoint_rows=rows), cfg)
+        self.c_proj = _projection(Conv1DLinear(size, cfg.hidden_size, bias=True, checkpoint_cols=rows), cfg)
         self.act = Activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +149,7 @@ def _common_keys(cfg: dict) -> dict:
 _BIASED = dict(qkv_bias=True, o_bias=True, mlp_bias=True)
 
 FAMILIES = [ModelFamily(
-    "gpt2", GPT2LMHeadModel, hf_architectures=("GPT2LMHeadModel",), hf_model_types=("gpt2",),
+    "gpt2", GPT2LMHeadModel, hf_architectures=("GPT2LMHeadModel",), hf_model_types=("gpt2",), tensor_parallel=True,
     hf_common_keys=_common_keys,
     config_from_hf=lambda cfg: dict(hidden_act=cfg.get("activation_function") or "gelu_new", conv1d_weights=True,
                                     **_BIASED),

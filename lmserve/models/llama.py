@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lmserve import parallel
 from lmserve.config import EngineConfig, ModelConfig
 from lmserve.errors import InvalidParameterError
 from lmserve.layers.activation import SiluAndMul
@@ -25,15 +26,22 @@ from lmserve.models.registry import GgufTensorNames, ModelFamily
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=cfg.qkv_bias)
-        self.o_proj = Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        q_heads, kv_heads = parallel.current().heads(cfg.num_heads, cfg.num_kv_heads)  # this rank's
+        dim = cfg.head_dim
+        self.num_heads, self.num_kv_heads = q_heads.stop - q_heads.start, kv_heads.stop - kv_heads.start
+        self.head_dim = dim
+        q_rows = slice(q_heads.start * dim, q_heads.stop * dim)
+        kv_rows = slice(kv_heads.start * dim, kv_heads.stop * dim)
+        q_size, kv_size = self.num_heads * dim, self.num_kv_heads * dim
+        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=cfg.qkv_bias,
+                                     checkpoint_rows={"q": q_rows, "k": kv_rows, "v": kv_rows},
+                                     checkpoint_sizes={"q": cfg.num_heads * dim, "k": cfg.num_kv_heads * dim,
+                                                       "v": cfg.num_kv_heads * dim})
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=cfg.o_bias, checkpoint_cols=q_rows)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5,
-                                   cfg.sliding_window)
+            self.q_norm = RMSNorm(dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(dim, cfg.rms_norm_eps)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, dim, dim ** -0.5, cfg.sliding_window)
         self.qk_norm = cfg.qk_norm
 
     def forward(self, x, rotary: RotaryEmbedding, cos, sin, meta: AttentionMetadata):
@@ -54,9 +62,13 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        size = intermediate_size or cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate": size, "up": size}, bias=cfg.mlp_bias)
-        self.down_proj = Linear(size, cfg.hidden_size, bias=cfg.mlp_bias)
+        full = intermediate_size or cfg.intermediate_size
+        rows = parallel.current().part(full, unit=32)  # whole quantization groups of down_proj's input
+        size = rows.stop - rows.start
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate": size, "up": size}, bias=cfg.mlp_bias,
+                                         checkpoint_rows={"gate": rows, "up": rows},
+                                         checkpoint_sizes={"gate": full, "up": full})
+        self.down_proj = Linear(size, cfg.hidden_size, bias=cfg.mlp_bias, checkpoint_cols=rows)
         self.act = SiluAndMul()
 
     def forward(self, x):
@@ -173,7 +185,8 @@ def llama_family(architecture: str, hf_architecture: str, gguf_architecture: str
     fused native decode step unless `fields` say otherwise."""
     return ModelFamily(architecture, model_class, hf_architectures=(hf_architecture,),
                        gguf_architectures=(gguf_architecture,) if gguf_architecture else (),
-                       **{"gguf_tensor_names": GGUF_TENSOR_NAMES, "fused_decoder": _fused_decoder, **fields})
+                       **{"gguf_tensor_names": GGUF_TENSOR_NAMES, "fused_decoder": _fused_decoder,
+                          "tensor_parallel": True, **fields})
 
 
 FAMILIES = [

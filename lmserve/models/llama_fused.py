@@ -42,6 +42,8 @@ def _unsupported(model: torch.nn.Module, engine_config: EngineConfig) -> str | N
         return "enforce_eager"
     if engine_config.deterministic:
         return "deterministic mode"
+    if model.model.embed_tokens.tp.size > 1:
+        return "the model is split for tensor parallelism (the fused decoder runs whole models)"
     layers = model.model.layers
     if not all(isinstance(layer, LlamaDecoderLayer) and isinstance(layer.mlp, LlamaMLP) for layer in layers):
         return "not every layer is a Llama decoder layer with a SwiGLU MLP"

@@ -83,6 +83,7 @@ class ModelFamily:
     quantize_gguf_arch: str | None = None  # what `lmserve quantize` writes it as from a HF directory (None: cannot)
     # (model, engine config) -> a native decode step for the model runner, or None where it cannot run
     fused_decoder: Callable[[torch.nn.Module, EngineConfig], Any] | None = None
+    tensor_parallel: bool = False  # whether its layers split across ranks (lmserve.parallel)
 
 
 class UnsupportedArchitectureError(LmserveError):

@@ -119,7 +119,7 @@ class _Server:
         """Reserve waiting places for `num_requests` engine requests, checked and counted in one
         step (before any await, so a burst cannot overshoot max_waiting)."""
         if not self.engine.is_alive:
-            raise ApiError(503, "the server is shutting down", "service_unavailable_error")
+            raise ApiError(503, self.engine.unavailable_reason, "service_unavailable_error")
         if not self.engine.reserve(num_requests, self.max_waiting):
             raise ApiError(429, f"the server is busy: its queue of {self.max_waiting} waiting requests is full; "
                                 f"retry later", "rate_limit_error", code="rate_limit_exceeded",
@@ -744,7 +744,7 @@ def build_app(engine: dict | LLMEngine | AsyncEngine, served_model_name: str, ap
     @app.get("/health")
     async def health() -> Response:
         if not async_engine.is_alive:
-            raise ApiError(503, "the engine is not running", "service_unavailable_error")
+            raise ApiError(503, async_engine.unavailable_reason, "service_unavailable_error")
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

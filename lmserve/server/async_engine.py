@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from lmserve.engine.llm_engine import EngineStats, LLMEngine
-from lmserve.errors import LmserveError
+from lmserve.errors import EngineDeadError, LmserveError
 from lmserve.lora import LoRARequest
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams
@@ -102,6 +102,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._accepting = True
+        self.unavailable_reason = "the server is shutting down"  # what requests refused by a stopped engine are told
         self._pending_lock = threading.Lock()
         self._pending_adds = 0  # submitted, not yet taken by the engine thread
         self._scores: list[_Score] = []  # engine thread only: waiting for KV blocks
@@ -171,7 +172,7 @@ class AsyncEngine:
         else:
             if reserved:
                 self.release(1)
-            accepted.set_exception(EngineUnavailableError("the server is shutting down"))
+            accepted.set_exception(EngineUnavailableError(self.unavailable_reason))
         return self._outputs(request_id, stream, accepted, timeout, deadline)
 
     def abort(self, request_id: str) -> None:
@@ -196,7 +197,7 @@ class AsyncEngine:
         if self.is_alive:
             self._commands.put(make_command(result))
         else:
-            result.set_exception(EngineUnavailableError("the server is shutting down"))
+            result.set_exception(EngineUnavailableError(self.unavailable_reason))
         return result
 
     async def _outputs(self, request_id: str, stream: _Stream, accepted: concurrent.futures.Future,
@@ -323,7 +324,12 @@ class AsyncEngine:
         try:
             outputs = self.engine.step()
         except Exception as exc:
-            logger.exception("engine step failed; failing %d request(s) in flight", len(self._streams))
+            if isinstance(exc, EngineDeadError):  # no later step can run: refuse everything from now on
+                logger.error("engine stopped (%s); failing %d request(s) in flight", exc, len(self._streams))
+                self.unavailable_reason = f"the engine stopped: {exc}"
+                self.begin_shutdown()
+            else:
+                logger.exception("engine step failed; failing %d request(s) in flight", len(self._streams))
             self._fail_all(EngineStepError(f"the model step failed ({type(exc).__name__}: {exc})"))
             return
         for output in outputs:

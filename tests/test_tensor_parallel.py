@@ -1,0 +1,137 @@
+"""Tensor parallelism on the CPU (gloo, two processes): logits and greedy tokens of a model split
+over two ranks against the same model whole, on tiny models of each family kind and on the
+embedded SmolLM2 GGUF (packed, 9 heads shared 6 + 3); refusals; a rank that dies ends the engine
+with a message naming it, and the server answers 503 and exits on SIGTERM."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from lmserve import LLM, SamplingParams
+from lmserve.errors import EngineDeadError, InvalidParameterError
+from tests.test_model_numerics import PROMPT, LogitRecorder
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PROMPTS = [PROMPT, PROMPT[:7], PROMPT[4:19]]
+
+
+def logits_and_tokens(path, tp, **engine_kwargs):
+    """Greedy tokens and the logits of every step for PROMPTS, the long prompt chunked so that
+    prefill chunks and decode tokens share steps."""
+    llm = LLM(str(path), dtype="float32", tensor_parallel_size=tp, max_num_batched_tokens=8, **engine_kwargs)
+    try:
+        recorder = LogitRecorder(llm.engine.sampler)
+        llm.engine.sampler = recorder
+        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs], torch.cat(recorder.rows)
+    finally:
+        llm.engine.close()
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa", "qwen3", "mixtral", "gpt2", "llama_mqa_tied"])
+def test_two_ranks_match_one(kind, tiny_model_factory):
+    path, _ = tiny_model_factory(kind)
+    whole_tokens, whole = logits_and_tokens(path, 1)
+    split_tokens, split = logits_and_tokens(path, 2)
+    assert split_tokens == whole_tokens
+    relative = ((split - whole).abs().max() / whole.abs().max()).item()
+    assert relative <= 1e-5, f"{kind}: logits differ by {relative:.2e} of their largest magnitude"
+
+
+def test_smollm2_gguf_split_six_and_three_heads_gives_the_same_chat_replies():
+    questions = [[{"role": "user", "content": "What is the capital of France?"}],
+                 [{"role": "user", "content": "Name three rivers."}]]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    replies = {}
+    for tp in (1, 2):
+        llm = LLM(tensor_parallel_size=tp, kv_cache_memory="64MiB", enforce_eager=True)
+        try:
+            replies[tp] = [o.outputs[0].text for o in llm.chat(questions, params, use_tqdm=False)]
+        finally:
+            llm.engine.close()
+    assert replies[2] == replies[1]
+
+
+def test_splits_that_cannot_work_are_refused(tiny_model_factory):
+    path, _ = tiny_model_factory("llama_gqa")  # 4 heads, 2 KV heads
+    with pytest.raises(InvalidParameterError, match="3 ranks cannot share 4 attention heads with 2 KV heads"):
+        LLM(str(path), tensor_parallel_size=3)
+    with pytest.raises(InvalidParameterError, match="8 ranks exceed the model's 4 attention heads"):
+        LLM(str(path), tensor_parallel_size=8)
+    with pytest.raises(InvalidParameterError, match="LoRA"):
+        LLM(str(path), tensor_parallel_size=2, enable_lora=True)
+    gemma, _ = tiny_model_factory("gemma3")
+    with pytest.raises(InvalidParameterError, match="gemma3 family does not split"):
+        LLM(str(gemma), tensor_parallel_size=2)
+
+
+def test_a_killed_rank_ends_the_engine_naming_it(tiny_model_factory):
+    path, _ = tiny_model_factory("llama_gqa")
+    llm = LLM(str(path), dtype="float32", tensor_parallel_size=2)
+    try:
+        llm.generate([PROMPT], GREEDY, use_tqdm=False)
+        worker = llm.engine.workers.processes[0]
+        start = time.monotonic()
+        llm.engine.add_request(PROMPT, SamplingParams(max_tokens=200, ignore_eos=True))
+        llm.engine.step()
+        os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError, match=f"rank 1 \\(pid {worker.pid}\\)"):
+            while llm.engine.has_unfinished_requests():
+                llm.engine.step()
+        assert time.monotonic() - start < 30
+        with pytest.raises(EngineDeadError, match="rank 1"):  # and every later step
+            llm.engine.step()
+    finally:
+        llm.engine.close()
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(line) for line in out.split()]
+
+
+def test_server_answers_503_after_a_rank_dies_and_exits_on_sigterm(tiny_model_factory, tmp_path):
+    from tests.tiny_tokenizer import save_tokenizer
+
+    path, _ = tiny_model_factory("llama_gqa")
+    model = tmp_path / "model"
+    shutil.copytree(path, model)
+    save_tokenizer(model, 320)
+    port = 18000 + os.getpid() % 1000
+    server = subprocess.Popen([sys.executable, "-m", "lmserve.entrypoints.cli", "serve", "--model", str(model),
+                               "--tensor-parallel-size", "2", "--port", str(port), "--dtype", "float32"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        body = {"prompt": [5, 17, 250], "max_tokens": 4}
+        assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 200
+        ranks = [pid for pid in _children(server.pid) if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        assert len(ranks) == 1
+        os.kill(ranks[0], signal.SIGKILL)
+        failed = httpx.post(f"{base}/v1/completions", json={**body, "max_tokens": 64}, timeout=60)
+        assert failed.status_code >= 500
+        health = httpx.get(f"{base}/health", timeout=10)
+        assert health.status_code == 503 and "rank 1" in health.json()["error"]["message"]
+        assert httpx.post(f"{base}/v1/completions", json=body, timeout=10).status_code == 503
+        server.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it caught: the status says SIGTERM
+        assert server.wait(30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
