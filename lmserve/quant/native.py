@@ -3,12 +3,18 @@ Llama decode step built on it, and the sampler's per-row argmax and log-sum-exp.
 
 The extension is compiled once per machine with PyTorch's extension builder (ninja + the
 system C++ compiler), cached on disk (TORCH_EXTENSIONS_DIR, by default under ~/.cache), and
-reused by later processes in about a second. It is compiled for one instruction set, AVX2 with
-FMA and F16C, whatever CPU builds it, so a cached build runs on any CPU that has AVX2 (AVX-512
-ones included). Whether this CPU has it is read from CPUID at run time (through PyTorch's
-cpuinfo), never assumed from the build machine. Where AVX2 is missing, the build fails, or
-`LMSERVE_NATIVE=0` is set, `load()` returns None and the packed layers fall back to PyTorch's
-int4 kernel (and our own `GroupWeight` dequantization for many rows).
+reused by later processes in about a second. Its vector kernels are written once
+(`csrc/isa_kernels.h`) and compiled into every variant whatever CPU builds them: AVX2 + FMA
+(256-bit registers) and AVX-512 with VNNI (512-bit registers; `vpdpwssd` multiplies the int16
+pairs of 16 weight rows per instruction), each in its own translation unit under
+`#pragma GCC target`, while the rest is compiled for the baseline x86-64. So one cached build
+runs on any CPU with AVX2, and all variants read the same packed weight layout. `load()` asks
+the extension which variants this CPU runs (CPUID, checked again in C++ before a variant can be
+used, never assumed from the build machine) and picks the best, or the one named by
+`LMSERVE_NATIVE_ISA` (`avx2` forces the 256-bit kernels on an AVX-512 machine, for tests and
+benchmarks); `TARGET_ISA` and the `-v` log name the choice. Where AVX2 is missing, the build
+fails, or `LMSERVE_NATIVE=0` is set, `load()` returns None and the packed layers fall back to
+PyTorch's int4 kernel (and our own `GroupWeight` dequantization for many rows).
 
 Each build is named by a short hash of what it is made from (the contents of `csrc/`, the
 compile flags, the PyTorch version and the interpreter), so checkouts and virtualenvs that
@@ -42,9 +48,10 @@ logger = logging.getLogger("lmserve")
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = sorted(str(p) for p in _CSRC.glob("*.cpp"))
 DISABLE_ENV = "LMSERVE_NATIVE"  # "0" turns the extension off (the PyTorch fallbacks run instead)
-TARGET_ISA = "AVX2+FMA+F16C"  # what every kernel in csrc/ is compiled for
-_TARGET_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
-_CFLAGS = ["-O3", "-std=c++20", *_TARGET_FLAGS, "-fopenmp"]
+ISA_ENV = "LMSERVE_NATIVE_ISA"  # a variant's name (e.g. "avx2") runs it instead of the best this CPU has
+TARGET_ISA: str | None = None  # the instruction sets of the kernel variant load() chose, e.g. "AVX-512 VNNI"
+# Baseline x86-64: each variant's instruction sets come from `#pragma GCC target` in its own file.
+_CFLAGS = ["-O3", "-std=c++20", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 KERNELS = ("block matmul and dequantize (4-bit and int8 groups)", "fused Llama decode step",
            "sampler row argmax / log-sum-exp")
@@ -61,9 +68,10 @@ def cpu_features() -> dict[str, bool]:
 
 
 def describe_cpu() -> str:
-    """One line for logs and benchmark reports: which vector extensions this CPU has."""
-    features = cpu_features()
-    return ", ".join(f"{name} {'yes' if present else 'no'}" for name, present in features.items())
+    """One line for logs and benchmark reports: which vector extensions this CPU has, and which
+    native kernel variant runs (once `load()` has chosen one)."""
+    features = ", ".join(f"{name} {'yes' if present else 'no'}" for name, present in cpu_features().items())
+    return features if TARGET_ISA is None else f"{features}; native kernels: {TARGET_ISA}"
 
 
 def build_inputs(files: Iterable[Path], flags: Iterable[str], torch_version: str = torch.__version__,
@@ -141,7 +149,7 @@ def _build_or_import():
             return _import_built(name, build_dir)
         from torch.utils import cpp_extension
 
-        print(f"lmserve: compiling the native CPU kernels for {TARGET_ISA} into {build_dir} "
+        print(f"lmserve: compiling the native CPU kernels (AVX2 and AVX-512 variants) into {build_dir} "
               f"({_why_build(build_dir, inputs)}); this takes about a minute, once", file=sys.stderr)
         module = cpp_extension.load(name=name, sources=_SOURCES, extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
                                     build_directory=str(build_dir), verbose=False)
@@ -149,11 +157,56 @@ def _build_or_import():
         return module
 
 
+def _choose_isa(module) -> str | None:
+    """Makes the module run the best kernel variant this CPU has, or the one `LMSERVE_NATIVE_ISA`
+    names where this CPU runs it; returns the chosen variant's label (None: it runs none)."""
+    variants = module.isa_variants()  # (name, label, runs here), best first
+    runnable = [(name, label) for name, label, runs in variants if runs]
+    if not runnable:
+        return None
+    wanted = os.environ.get(ISA_ENV)
+    chosen = runnable[0]
+    if wanted:
+        named = [(name, label) for name, label in runnable if name == wanted]
+        if named:
+            chosen = named[0]
+        else:
+            logger.warning("%s=%s: not a kernel variant this CPU runs (%s); using %s", ISA_ENV, wanted,
+                           ", ".join(name for name, _ in runnable), chosen[0])
+    module.use_isa(chosen[0])
+    logger.info("native kernel variants: %s; running %s (%s)",
+                ", ".join(f"{label} ({'runs here' if runs else 'not on this CPU'})" for _, label, runs in variants),
+                chosen[1], f"{ISA_ENV}={wanted}" if chosen[0] == wanted else "the best this CPU runs")
+    return chosen[1]
+
+
+@contextlib.contextmanager
+def using_isa(name: str) -> Iterator[None]:
+    """Runs the kernel variant `name` (one this CPU runs: see `isa_variants`) inside the block,
+    then the previous one again; for tests and benchmarks."""
+    module = load()
+    previous = module.isa()
+    module.use_isa(name)
+    try:
+        yield
+    finally:
+        module.use_isa(previous)
+
+
+def isa_variants() -> list[tuple[str, str, bool]]:
+    """(name, label, whether this CPU runs it) of every kernel variant built, best first; empty
+    without the extension."""
+    module = load()
+    return [] if module is None else [tuple(v) for v in module.isa_variants()]
+
+
 @cache
 def load():
     """The compiled module (`block_matmul`, `block_dequantize`, `LlamaDecoder`,
-    `argmax_logsumexp`), or None. The Makefile's install step calls this once so the compile
-    happens at set-up rather than in a first request."""
+    `argmax_logsumexp`, and `isa_variants` / `use_isa` / `isa` for the kernel variant), or None.
+    The Makefile's install step calls this once so the compile happens at set-up rather than in a
+    first request."""
+    global TARGET_ISA
     logger.info("CPU: %s; PyTorch's kernels use its %s build", describe_cpu(),
                 torch.backends.cpu.get_cpu_capability())
     if os.environ.get(DISABLE_ENV) == "0":
@@ -169,6 +222,10 @@ def load():
     except Exception as exc:  # no compiler or ninja, an unwritable cache: the PyTorch kernel path still works
         logger.warning("could not build the native kernels (%s); using PyTorch's int4 kernel",
                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    TARGET_ISA = _choose_isa(module)
+    if TARGET_ISA is None:
+        logger.info("this CPU runs none of the native kernel variants: quantized layers use PyTorch's int4 kernel")
         return None
     logger.info("native kernels ready in %.1f s, compiled for %s: %s", time.perf_counter() - start,
                 TARGET_ISA, "; ".join(KERNELS))

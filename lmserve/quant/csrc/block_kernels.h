@@ -1,15 +1,28 @@
-// Shared declarations and vector helpers of the CPU fast path's native code: the block-quantized
-// matmul (block_matmul.cpp), the fused Llama decode step built on it (llama_decode.cpp) and the
+// Shared declarations of the CPU fast path's native code: the block-quantized matmul
+// (block_matmul.cpp), the fused Llama decode step built on it (llama_decode.cpp) and the
 // sampler's per-row statistics (row_stats.cpp).
+//
+// Runtime ISA dispatch. The vector kernels are written once, in isa_kernels.h, against a small
+// vector type `Vec`, and compiled once per instruction set: isa_avx2.cpp (AVX2 + FMA, 256-bit
+// registers) and isa_avx512.cpp (AVX-512 F/BW/VL/VNNI, 512-bit registers) each define their
+// `Vec` under `#pragma GCC target(...)` and include isa_kernels.h into their own namespace
+// (lmserve::avx2, lmserve::avx512), which ends with that variant's table of entry points
+// (`IsaKernels`). The compiler emits AVX-512 code on any machine, since the pragma, not the
+// command line, enables it; the rest of the extension (this header, the bindings, PyTorch's
+// headers) is compiled for the baseline x86-64, so no inline function shared between translation
+// units carries AVX-512 code. Which table runs is chosen at load time from CPUID
+// (`isa_variants()`, `use_isa()`, called by lmserve/quant/native.py): only a variant whose
+// instructions this CPU and OS support can be chosen.
 #pragma once
 
-#include <immintrin.h>
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 namespace lmserve {
 
@@ -17,10 +30,12 @@ namespace lmserve {
 // `group` consecutive columns of a row: w[n, k] = q[n, k] * scale[n, g] + bias[n, g].
 //
 // Rows are stored in blocks of 8 (the last block padded with zero rows), each block group by
-// group, so that one AVX2 register of int16 holds a "chunk": 2 consecutive columns of all 8 rows
-// ([r0 c, r0 c+1, r1 c, r1 c+1, ..., r7 c+1]). vpmaddwd of a chunk with the activation pair of
-// those columns broadcast gives the 8 rows' partial dot products in the 8 lanes, so a group's
-// dot products of a whole block need no horizontal sums.
+// group, so that 16 int16 hold a "chunk": 2 consecutive columns of all 8 rows ([r0 c, r0 c+1,
+// r1 c, r1 c+1, ..., r7 c+1]). vpmaddwd (or VNNI's vpdpwssd) of a chunk with the activation pair
+// of those columns broadcast gives the 8 rows' partial dot products in 8 int32 lanes, so a
+// group's dot products of a whole block need no horizontal sums. A 256-bit register holds one
+// chunk of one block; a 512-bit one holds the same chunk of two consecutive blocks, so every
+// variant reads this one layout (weights packed on one machine run on any).
 // bits = 8 (int8): chunk c of a group (columns 2c, 2c+1) is 16 bytes, byte 2j + e holding row j,
 //   column 2c + e.
 // bits = 4 (values 0-15): chunks 2u and 2u+1 share 16 bytes, chunk 2u in bytes 0-7 and chunk
@@ -39,55 +54,6 @@ struct BlockMatrix {
   int64_t group_bytes() const { return 8 * group * bits / 8; }  // one block's values of one group
 };
 
-// Sum of a register's 8 floats.
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// Largest of a register's 8 floats.
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// e^x for 8 floats (Cephes' expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp).
-// Inputs below -87.3 give 0, the way expf underflows.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3365447505531f), _CMP_LT_OQ);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365447505531f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(power)));
-}
-
-inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
-
-// sum_i a[i] * b[i] in a fixed order (8 lanes, then the tail).
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float total = hsum(acc);
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
-
 // f(begin, end) over [0, count) in chunks of `chunk` that PyTorch's intra-op threads take one at a
 // time until none is left. A static split waits for its slowest thread, and on a shared VM one
 // core is often slowed for a while by others; results do not depend on which thread ran a chunk.
@@ -105,14 +71,43 @@ void parallel_chunks(int64_t count, int64_t chunk, const F& f) {
 }
 
 // The BlockMatrix view of a packed weight's tensors (checks dtypes, shapes and contiguity).
-BlockMatrix block_matrix(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& bias,
-                         int64_t group, int64_t bits, int64_t rows);
+BlockMatrix block_matrix(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& bias, int64_t group,
+                         int64_t bits, int64_t rows);
 
-// out[M, N] = x[M, K] @ W^T, fp32, threads from PyTorch's intra-op pool. Each output row depends
-// only on its own input row, so results do not change with the batch around a row.
-void block_matmul_into(const float* x, int64_t M, const BlockMatrix& w, float* out);
+// One instruction set's kernels (isa_kernels.h). Every output row depends only on its own input
+// row, so results do not change with the batch around a row.
+struct IsaKernels {
+  const char* name;   // for LMSERVE_NATIVE_ISA and use_isa(): "avx2", "avx512"
+  const char* label;  // for logs: the instruction sets it uses
+  bool (*runs_here)();  // whether this CPU and OS support them (CPUID)
+  // out[M, N] = x[M, K] @ W^T, fp32, threads from PyTorch's intra-op pool.
+  void (*matmul)(const float* x, int64_t M, const BlockMatrix& w, float* out);
+  // y = x / sqrt(mean(x^2) + eps) * w, as F.rms_norm computes it in fp32 (y may be x).
+  void (*rms_norm)(const float* x, const float* w, int64_t n, float eps, float* y);
+  // out = silu(gate) * up over n values.
+  void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
+  // Softmax attention of one query head q [dim] over the cached keys and values at
+  // slots[first..n) (rows of `row` floats; k and v point at this head's kv-head columns), into
+  // out [dim]; `scores` holds n floats of scratch.
+  void (*attend)(const float* q, const float* k, const float* v, const int64_t* slots, int64_t first, int64_t n,
+                 int64_t row, int64_t dim, float scale, float* scores, float* out);
+  // (first index of the largest value, log-sum-exp) of a row of n finite values.
+  std::pair<int64_t, float> (*argmax_logsumexp)(const float* x, int64_t n);
+};
 
-// out[i, :] = W[ids[i], :] in fp32 for `count` rows (checked in range): token-table lookups.
-void block_gather_rows(const BlockMatrix& w, const int64_t* ids, int64_t count, float* out);
+namespace avx2 {
+extern const IsaKernels kernels;
+// Dense fp32 rows (dequantization is AVX2 in every variant: prefill spends its time in the GEMM
+// that follows, and token lookups are a few rows). Blocks [begin, end) into out (row n of the
+// matrix at out + (n - first_row) * K), and single rows `ids` into out [count, K].
+void dequantize_blocks(const BlockMatrix& w, int64_t first_row, float* out, int64_t begin, int64_t end);
+void gather_rows(const BlockMatrix& w, const int64_t* ids, int64_t count, float* out);
+}  // namespace avx2
+namespace avx512 {
+extern const IsaKernels kernels;
+}
+
+// The variant in use (chosen by use_isa(); AVX2 until then).
+const IsaKernels& kernels();
 
 }  // namespace lmserve

@@ -3,19 +3,17 @@
 // Between the block-quantized matmuls a decode step is ~30 small tensor ops per layer (norms,
 // rotary, cache write, attention, activation, residuals); through PyTorch each costs more in
 // dispatch than in arithmetic at batch sizes of 1-16. Here they are plain loops over the step's
-// rows, the matmuls call block_matmul_into directly, and attention reads K/V straight from the
-// paged cache through each sequence's slot list. Every row is computed independently of the
-// others (no batch-dependent reduction order). Layout and semantics match the PyTorch modules in
+// rows, the matmuls call the block kernel directly, and attention reads K/V straight from the
+// paged cache through each sequence's slot list. The vector loops (matmul, norms, activation,
+// attention) are those of the kernel variant in use (isa_kernels.h), read once per step. Every
+// row is computed independently of the others (no batch-dependent reduction order). Layout and semantics match the PyTorch modules in
 // lmserve/models/llama.py; the Python side (lmserve/models/llama_fused.py) decides when a model
 // and a step qualify.
 #include "block_kernels.h"
 
-#include <immintrin.h>
-#include <ATen/Parallel.h>
+#include <torch/extension.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <vector>
 
 namespace lmserve {
@@ -32,8 +30,8 @@ struct PackedLinear {
                                       bias.scalar_type() == torch::kFloat32));
   }
 
-  void apply(const float* x, int64_t rows, float* out) const {
-    block_matmul_into(x, rows, m, out);
+  void apply(const IsaKernels& k, const float* x, int64_t rows, float* out) const {
+    k.matmul(x, rows, m, out);
     if (bias.numel() == 0) return;
     const float* b = bias.data_ptr<float>();
     for (int64_t r = 0; r < rows; ++r)
@@ -48,43 +46,6 @@ struct Layer {
   int64_t window;          // sliding window in tokens, 0 for none
 };
 
-// y = x / sqrt(mean(x^2) + eps) * w, as F.rms_norm computes it in fp32.
-void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
-  const float inv = 1.0f / std::sqrt(dot_f32(x, x, n) / static_cast<float>(n) + eps);
-  const __m256 scale = _mm256_set1_ps(inv);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), scale), _mm256_loadu_ps(w + i)));
-  for (; i < n; ++i) y[i] = x[i] * inv * w[i];
-}
-
-// out = silu(gate) * up over n values.
-void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
-  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 g = _mm256_loadu_ps(gate + i);
-    const __m256 sigmoid = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_xor_ps(g, sign))));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + i)));
-  }
-  for (; i < n; ++i) out[i] = gate[i] / (1.0f + exp1(-gate[i])) * up[i];
-}
-
-// softmax weights exp(scores[i] - max) in place over [first, n); returns their sum.
-float exponentiate(float* scores, int64_t first, int64_t n, float max_score) {
-  const __m256 shift = _mm256_set1_ps(max_score);
-  __m256 sum = _mm256_setzero_ps();
-  int64_t p = first;
-  for (; p + 8 <= n; p += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + p), shift));
-    _mm256_storeu_ps(scores + p, e);
-    sum = _mm256_add_ps(sum, e);
-  }
-  float total = hsum(sum);
-  for (; p < n; ++p) total += (scores[p] = exp1(scores[p] - max_score));
-  return total;
-}
-
 // x * cos + roll(x, half) * signed_sin over the first rotary_dim values (the tables of
 // lmserve/layers/rotary.py, whose sin carries the rotate-half sign).
 void rotate(float* x, const float* cos, const float* sin, int64_t rotary_dim) {
@@ -96,75 +57,6 @@ void rotate(float* x, const float* cos, const float* sin, int64_t rotary_dim) {
   }
 }
 
-
-// Attention of one query head over the cached keys and values at `slots[first..n)` (rows of
-// `row` floats; k and v point at this head's kv-head columns). Four keys at a time so their dot
-// products are independent FMA chains; the output stays in registers across positions.
-// Requests the cache lines of one head's cached row: slots scatter rows over the cache, so the
-// hardware prefetcher does not see them coming and each row would otherwise stall on memory.
-template <int D, _mm_hint HINT = _MM_HINT_T0>
-inline void prefetch_row(const float* row) {
-  for (int i = 0; i < D; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), HINT);
-}
-
-constexpr int64_t kPrefetchKeys = 16;  // how many positions ahead rows are requested
-
-template <int D>
-void attend_head(const float* q, const float* k, const float* v, const int64_t* slots, int64_t first, int64_t n,
-                 int64_t row, float scale, float* scores, float* out) {
-  static_assert(D % 8 == 0 && D > 0, "head_dim must be a multiple of 8");
-  constexpr int C = D / 8;
-  __m256 qv[C];
-  for (int c = 0; c < C; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
-  float max_score = -std::numeric_limits<float>::infinity();
-  int64_t p = first;
-  for (; p + 4 <= n; p += 4) {
-    const float* key[4];
-    __m256 acc[4];
-    for (int j = 0; j < 4; ++j) {
-      if (p + j + kPrefetchKeys < n) {
-        prefetch_row<D>(k + slots[p + j + kPrefetchKeys] * row);
-        prefetch_row<D, _MM_HINT_T1>(v + slots[p + j + kPrefetchKeys] * row);  // for the weighted sum
-      }
-      key[j] = k + slots[p + j] * row;
-      acc[j] = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key[j]));
-    }
-    for (int c = 1; c < C; ++c)
-      for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(key[j] + 8 * c), acc[j]);
-    for (int j = 0; j < 4; ++j) max_score = std::max(max_score, scores[p + j] = hsum(acc[j]) * scale);
-  }
-  for (; p < n; ++p) {
-    const float* key = k + slots[p] * row;
-    __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key));
-    for (int c = 1; c < C; ++c) acc = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(key + 8 * c), acc);
-    max_score = std::max(max_score, scores[p] = hsum(acc) * scale);
-  }
-  const __m256 inv_total = _mm256_set1_ps(1.0f / exponentiate(scores, first, n, max_score));
-  __m256 o[C];
-  for (int c = 0; c < C; ++c) o[c] = _mm256_setzero_ps();
-  for (p = first; p < std::min(n, first + kPrefetchKeys); ++p) prefetch_row<D>(v + slots[p] * row);
-  for (p = first; p < n; ++p) {
-    if (p + kPrefetchKeys < n) prefetch_row<D>(v + slots[p + kPrefetchKeys] * row);
-    const float* value = v + slots[p] * row;
-    const __m256 w = _mm256_set1_ps(scores[p]);
-    for (int c = 0; c < C; ++c) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * c), o[c]);
-  }
-  for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(o[c], inv_total));
-}
-
-// The same for any head_dim, plainly.
-void attend_head_any(const float* q, const float* k, const float* v, const int64_t* slots, int64_t first, int64_t n,
-                     int64_t row, int64_t dim, float scale, float* scores, float* out) {
-  float max_score = -std::numeric_limits<float>::infinity();
-  for (int64_t p = first; p < n; ++p) max_score = std::max(max_score, scores[p] = dot_f32(q, k + slots[p] * row, dim) * scale);
-  const float total = exponentiate(scores, first, n, max_score);
-  std::fill_n(out, dim, 0.0f);
-  for (int64_t p = first; p < n; ++p) {
-    const float* value = v + slots[p] * row;
-    const float w = scores[p] / total;
-    for (int64_t d = 0; d < dim; ++d) out[d] += w * value[d];
-  }
-}
 
 class LlamaDecoder {
  public:
@@ -249,6 +141,7 @@ class LlamaDecoder {
     const int64_t* ctx = ctx_.data();
     float* h = hidden.data_ptr<float>();
     const int64_t qkv_width = (heads_ + 2 * kv_heads_) * dim_;
+    const IsaKernels& k = kernels();
     normed_.resize(B * D);
     qkv_.resize(B * qkv_width);
     attn_.resize(B * heads_ * dim_);
@@ -257,21 +150,21 @@ class LlamaDecoder {
       mlp_.resize(B * 2 * inter);
       act_.resize(B * inter);
       delta_.resize(B * D);
-      for (int64_t b = 0; b < B; ++b) rms_norm(h + b * D, l.input_norm.data_ptr<float>(), D, eps_, &normed_[b * D]);
-      l.qkv.apply(normed_.data(), B, qkv_.data());
-      for (int64_t b = 0; b < B; ++b) position_and_store(l, &qkv_[b * qkv_width], pos[b], slots[b * L + ctx[b] - 1]);
-      attention(l, B, L, slots, ctx);
-      l.o.apply(attn_.data(), B, delta_.data());
+      for (int64_t b = 0; b < B; ++b) k.rms_norm(h + b * D, l.input_norm.data_ptr<float>(), D, eps_, &normed_[b * D]);
+      l.qkv.apply(k, normed_.data(), B, qkv_.data());
+      for (int64_t b = 0; b < B; ++b) position_and_store(k, l, &qkv_[b * qkv_width], pos[b], slots[b * L + ctx[b] - 1]);
+      attention(k, l, B, L, slots, ctx);
+      l.o.apply(k, attn_.data(), B, delta_.data());
       for (int64_t i = 0; i < B * D; ++i) h[i] += delta_[i];
-      for (int64_t b = 0; b < B; ++b) rms_norm(h + b * D, l.post_norm.data_ptr<float>(), D, eps_, &normed_[b * D]);
-      l.gate_up.apply(normed_.data(), B, mlp_.data());
+      for (int64_t b = 0; b < B; ++b) k.rms_norm(h + b * D, l.post_norm.data_ptr<float>(), D, eps_, &normed_[b * D]);
+      l.gate_up.apply(k, normed_.data(), B, mlp_.data());
       parallel_chunks(B, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) silu_mul(&mlp_[b * 2 * inter], &mlp_[(b * 2 + 1) * inter], inter, &act_[b * inter]);
+        for (int64_t b = begin; b < end; ++b) k.silu_mul(&mlp_[b * 2 * inter], &mlp_[(b * 2 + 1) * inter], inter, &act_[b * inter]);
       });
-      l.down.apply(act_.data(), B, delta_.data());
+      l.down.apply(k, act_.data(), B, delta_.data());
       for (int64_t i = 0; i < B * D; ++i) h[i] += delta_[i];
     }
-    for (int64_t b = 0; b < B; ++b) rms_norm(h + b * D, final_norm_.data_ptr<float>(), D, eps_, h + b * D);
+    for (int64_t b = 0; b < B; ++b) k.rms_norm(h + b * D, final_norm_.data_ptr<float>(), D, eps_, h + b * D);
     return hidden;
   }
 
@@ -279,7 +172,7 @@ class LlamaDecoder {
   // The token table's rows for `ids` (each checked in range).
   void embed(const int64_t* ids, int64_t B, float* out) const {
     if (embed_.size() == 3) {
-      block_gather_rows(packed_embed_, ids, B, out);
+      avx2::gather_rows(packed_embed_, ids, B, out);
       return;
     }
     for (int64_t b = 0; b < B; ++b) {
@@ -289,14 +182,14 @@ class LlamaDecoder {
   }
 
   // q/k norms and rotary on one token's q and k heads, then its k and v into the cache slot.
-  void position_and_store(const Layer& l, float* qkv, int64_t position, int64_t slot) const {
+  void position_and_store(const IsaKernels& k, const Layer& l, float* qkv, int64_t position, int64_t slot) const {
     const float* cos = cos_.data_ptr<float>() + position * rotary_dim_;
     const float* sin = sin_.data_ptr<float>() + position * rotary_dim_;
     for (int64_t head = 0; head < heads_ + kv_heads_; ++head) {
       float* x = qkv + head * dim_;
       if (l.q_norm.numel() > 0) {
         const float* w = (head < heads_ ? l.q_norm : l.k_norm).data_ptr<float>();
-        rms_norm(x, w, dim_, eps_, x);
+        k.rms_norm(x, w, dim_, eps_, x);
       }
       rotate(x, cos, sin, rotary_dim_);
     }
@@ -308,7 +201,7 @@ class LlamaDecoder {
 
   // Softmax attention of every query head over its sequence's cached context (sliding window
   // respected), one (sequence, head) pair per task.
-  void attention(const Layer& l, int64_t B, int64_t L, const int64_t* slots, const int64_t* ctx) {
+  void attention(const IsaKernels& k, const Layer& l, int64_t B, int64_t L, const int64_t* slots, const int64_t* ctx) {
     const float* cache = l.kv_cache.data_ptr<float>();
     const int64_t row = kv_heads_ * dim_, plane = l.kv_cache.size(1) * row, group = heads_ / kv_heads_;
     const int64_t qkv_width = (heads_ + 2 * kv_heads_) * dim_;
@@ -320,18 +213,11 @@ class LlamaDecoder {
         const int64_t b = task / heads_, head = task % heads_, kv = head / group;
         const int64_t n = ctx[b], first = l.window > 0 ? std::max<int64_t>(0, n - l.window) : 0;
         const float* q = &qkv_[b * qkv_width + head * dim_];
-        const float* k = cache + kv * dim_;
-        const float* v = cache + plane + kv * dim_;
+        const float* keys = cache + kv * dim_;
+        const float* values = cache + plane + kv * dim_;
         const int64_t* seq_slots = slots + b * L;
         float* out = &attn_[(b * heads_ + head) * dim_];
-        switch (dim_) {
-          case 16: attend_head<16>(q, k, v, seq_slots, first, n, row, scale, scores.data(), out); break;
-          case 32: attend_head<32>(q, k, v, seq_slots, first, n, row, scale, scores.data(), out); break;
-          case 64: attend_head<64>(q, k, v, seq_slots, first, n, row, scale, scores.data(), out); break;
-          case 128: attend_head<128>(q, k, v, seq_slots, first, n, row, scale, scores.data(), out); break;
-          case 256: attend_head<256>(q, k, v, seq_slots, first, n, row, scale, scores.data(), out); break;
-          default: attend_head_any(q, k, v, seq_slots, first, n, row, dim_, scale, scores.data(), out);
-        }
+        k.attend(q, keys, values, seq_slots, first, n, row, dim_, scale, scores.data(), out);
       }
     });
   }

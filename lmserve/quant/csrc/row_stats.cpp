@@ -3,31 +3,12 @@
 // about as much as a transformer layer.
 #include "block_kernels.h"
 
-#include <limits>
+#include <torch/extension.h>
+
 #include <tuple>
 
 namespace lmserve {
 namespace {
-
-// The first index of the largest value and log(sum exp(x)) of one row of finite values.
-std::pair<int64_t, float> argmax_logsumexp_row(const float* x, int64_t n) {
-  __m256 top = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(x + i));
-  float max_value = hmax(top);
-  for (; i < n; ++i) max_value = std::max(max_value, x[i]);
-  // The first block of 8 holding the maximum, then its first lane.
-  const __m256 target = _mm256_set1_ps(max_value);
-  int64_t index = 0;
-  while (index + 8 <= n && _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + index), target, _CMP_EQ_OQ)) == 0)
-    index += 8;
-  while (x[index] != max_value) ++index;
-  __m256 sum = _mm256_setzero_ps();
-  for (i = 0; i + 8 <= n; i += 8) sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), target)));
-  float total = hsum(sum);
-  for (; i < n; ++i) total += exp1(x[i] - max_value);
-  return {index, max_value + std::log(total)};
-}
 
 std::tuple<torch::Tensor, torch::Tensor> argmax_logsumexp(torch::Tensor logits) {
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32, "logits must be fp32 [rows, vocab]");
@@ -39,8 +20,9 @@ std::tuple<torch::Tensor, torch::Tensor> argmax_logsumexp(torch::Tensor logits) 
   const float* x = logits.data_ptr<float>();
   int64_t* id = ids.data_ptr<int64_t>();
   float* norm = lse.data_ptr<float>();
+  const IsaKernels& k = kernels();
   parallel_chunks(rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) std::tie(id[r], norm[r]) = argmax_logsumexp_row(x + r * n, n);
+    for (int64_t r = begin; r < end; ++r) std::tie(id[r], norm[r]) = k.argmax_logsumexp(x + r * n, n);
   });
   return {ids, lse};
 }

@@ -1,0 +1,318 @@
+// The vector kernels of every instruction-set variant, written once against `Vec` (see
+// block_kernels.h). isa_avx2.cpp and isa_avx512.cpp each define `Vec` under their
+// `#pragma GCC target` and include this file inside their own namespace, so it has no include
+// guard; it ends with that variant's `kernels` table.
+//
+// Vec has floats `F` (kFloats lanes) and the int32 dot products `I` of kBlocks weight blocks of 8
+// rows (kFloats = 8 * kBlocks: lane i of a dot product belongs to weight row 8 * block + i), the
+// element-wise operations used below, and for the block layout: load_unit (a unit of kBlocks
+// consecutive blocks, given the byte offset from one block's data to the next's, 0 to read the
+// same block again), dot2 (int16 pair products added into int32 lanes), iadd, load_rows / store_rows
+// (per-row floats of kBlocks blocks, stores cut at `valid` rows) and kTileRows (activation rows
+// per tile of the matmul).
+//
+// Matmul: activations enter as fp32 and are carried as int16 per row and group (relative error
+// 2^-16 of the group's largest value, far below bf16's 2^-9), so a group's dot products are exact
+// integer multiply-adds (8 or 16 weight rows per instruction) with one conversion to float per
+// group; results match dequantize-then-matmul in fp32 to about 1e-5 relative, and the variants
+// give the same int32 sums and the same per-group float arithmetic.
+
+namespace {
+
+using V = Vec;
+using F = Vec::F;
+using I = Vec::I;
+
+// e^x (Cephes' expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp). Inputs below -87.3
+// give 0, the way expf underflows.
+inline F exp_v(F x) {
+  x = V::min(x, V::set1(88.3762626647949f));
+  const F unclamped = x;
+  x = V::max(x, V::set1(-87.3365447505531f));
+  const F n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
+  F r = V::fnmadd(n, V::set1(0.693359375f), x);
+  r = V::fnmadd(n, V::set1(-2.12194440e-4f), r);
+  F p = V::set1(1.9875691500e-4f);
+  p = V::fmadd(p, r, V::set1(1.3981999507e-3f));
+  p = V::fmadd(p, r, V::set1(8.3334519073e-3f));
+  p = V::fmadd(p, r, V::set1(4.1665795894e-2f));
+  p = V::fmadd(p, r, V::set1(1.6666665459e-1f));
+  p = V::fmadd(p, r, V::set1(5.0000001201e-1f));
+  p = V::fmadd(p, V::mul(r, r), V::add(r, V::set1(1.0f)));
+  return V::zero_below(V::mul(p, V::pow2(n)), unclamped, -87.3365447505531f);
+}
+
+inline float exp1(float x) { return V::first(exp_v(V::set1(x))); }
+
+// sum_i a[i] * b[i] in a fixed order (kFloats lanes, then the tail).
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  F acc = V::zero();
+  int64_t i = 0;
+  for (; i + V::kFloats <= n; i += V::kFloats) acc = V::fmadd(V::load(a + i), V::load(b + i), acc);
+  float total = V::hsum(acc);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// Activations of M rows quantized per group: int16 values [M][K], and per [M][G] their scale and
+// (for the offset term, sum_k x * bias = bias * sum_k x) their exact fp32 sum.
+struct QuantizedActivations {
+  std::vector<int16_t> q;
+  std::vector<float> scale, sum;
+};
+
+// Fills `a` (whose buffers are reused from call to call: a decode step makes ~120 of these).
+void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group, QuantizedActivations& a) {
+  const int64_t G = K / group;
+  a.q.resize(M * K);
+  a.scale.resize(M * G);
+  a.sum.resize(M * G);
+  for (int64_t mg = 0; mg < M * G; ++mg) {
+    const float* v = x + mg * group;
+    F amax = V::zero(), sum = V::zero();
+    for (int64_t k = 0; k < group; k += V::kFloats) {
+      const F xv = V::load(v + k);
+      amax = V::max(amax, V::abs(xv));
+      sum = V::add(sum, xv);
+    }
+    const float top = V::hmax(amax);
+    const float scale = top > 0.0f ? top / 32767.0f : 1.0f;
+    const F inv = V::set1(1.0f / scale);
+    for (int64_t k = 0; k < group; k += V::kFloats) V::store_i16(a.q.data() + mg * group + k, V::mul(V::load(v + k), inv));
+    a.scale[mg] = scale;
+    a.sum[mg] = V::hsum(sum);
+  }
+}
+
+// Outputs of the kBlocks weight blocks from `block` (past the last block, the last is read again
+// and its outputs dropped) for R activation rows from m0. Per row and group the dot products are
+// exact int32 sums, then scaled and added to that output's fp32 accumulator in group order: an
+// output depends only on its own weight row and activation row.
+template <int BITS, int GROUP, int R>
+inline void tile(const QuantizedActivations& a, int64_t m0, const BlockMatrix& w, int64_t block, float* out) {
+  const int64_t G = w.groups(), K = w.K, group_bytes = w.group_bytes();
+  const bool has_next = block + 1 < w.blocks();
+  const int64_t next_values = has_next ? G * group_bytes : 0, next_rows = has_next ? G * 8 : 0;
+  const uint8_t* wq = w.q + block * G * group_bytes;
+  const float* ws = w.scale + block * G * 8;
+  const float* wb = w.bias != nullptr ? w.bias + block * G * 8 : nullptr;
+  const int16_t* xq = a.q.data() + m0 * K;
+  const float* xs = a.scale.data() + m0 * G;
+  const float* xsum = a.sum.data() + m0 * G;
+  // Independent int32 sums per row: with few rows, registers are free and the latency of one
+  // chain of multiply-adds would bound the loop.
+  constexpr int S = 4 * R <= V::kTileRows ? 2 : 1;
+  F acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = V::zero();
+  for (int64_t g = 0; g < G; ++g, wq += group_bytes) {
+    for (int b = 0; b < V::kBlocks; ++b)
+      _mm_prefetch(reinterpret_cast<const char*>(wq + b * next_values + 8 * group_bytes), _MM_HINT_T0);
+    I dot[R][S];
+    for (int r = 0; r < R; ++r)
+      for (int s = 0; s < S; ++s) dot[r][s] = V::izero();
+    for (int u = 0; u < GROUP / 4; ++u) {
+      I first, second;
+      V::template load_unit<BITS>(wq, next_values, u, first, second);
+      for (int r = 0; r < R; ++r) {
+        const int16_t* x = xq + r * K + g * GROUP + 4 * u;
+        dot[r][u % S] = V::dot2(dot[r][u % S], first, V::pair(x), second, V::pair(x + 2));
+      }
+    }
+    const F scale = V::load_rows(ws + 8 * g, next_rows);
+    for (int r = 0; r < R; ++r) {
+      if constexpr (S == 2) dot[r][0] = V::iadd(dot[r][0], dot[r][1]);
+      acc[r] = V::fmadd(V::to_float(dot[r][0]), V::mul(scale, V::set1(xs[r * G + g])), acc[r]);
+      if (wb != nullptr) acc[r] = V::fmadd(V::load_rows(wb + 8 * g, next_rows), V::set1(xsum[r * G + g]), acc[r]);
+    }
+  }
+  const int64_t n0 = block * 8, valid = std::min<int64_t>(V::kFloats, w.N - n0);
+  for (int r = 0; r < R; ++r) V::store_rows(out + (m0 + r) * w.N + n0, acc[r], valid);
+}
+
+// The last `rows` (< kTileRows) activation rows from m0, in one tile of that height.
+template <int BITS, int GROUP, int R = V::kTileRows - 1>
+inline void tile_rest(int64_t rows, const QuantizedActivations& a, int64_t m0, const BlockMatrix& w, int64_t block,
+                      float* out) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      tile<BITS, GROUP, R>(a, m0, w, block, out);
+    } else {
+      tile_rest<BITS, GROUP, R - 1>(rows, a, m0, w, block, out);
+    }
+  }
+}
+
+// Tiles of kBlocks weight blocks [begin, end) against all M activation rows, kTileRows rows at a
+// time (the blocks stay in L1 while the row tiles pass over them).
+template <int BITS, int GROUP>
+void matmul_tiles(const QuantizedActivations& a, int64_t M, const BlockMatrix& w, float* out, int64_t begin,
+                  int64_t end) {
+  for (int64_t block = begin * V::kBlocks; block < end * V::kBlocks; block += V::kBlocks) {
+    int64_t m0 = 0;
+    for (; m0 + V::kTileRows <= M; m0 += V::kTileRows) tile<BITS, GROUP, V::kTileRows>(a, m0, w, block, out);
+    tile_rest<BITS, GROUP>(M - m0, a, m0, w, block, out);
+  }
+}
+
+// Calls f.template operator()<BITS, GROUP>() for the matrix's storage.
+template <typename Fn>
+void for_format(const BlockMatrix& w, Fn&& f) {
+  if (w.bits == 4) {
+    f.template operator()<4, 32>();
+  } else if (w.group == 32) {
+    f.template operator()<8, 32>();
+  } else {
+    f.template operator()<8, 16>();
+  }
+}
+
+void matmul(const float* x, int64_t M, const BlockMatrix& w, float* out) {
+  // The caller thread's buffers, named through a local reference: a lambda does not capture a
+  // thread_local, so the pool's workers would otherwise see their own (empty) copies.
+  static thread_local QuantizedActivations buffers;
+  QuantizedActivations& a = buffers;
+  quantize_activations(x, M, w.K, w.group, a);
+  // About 8 chunks per thread, so a thread that falls behind hands work to the others.
+  const int64_t tiles = (w.blocks() + V::kBlocks - 1) / V::kBlocks;
+  const int64_t chunk = std::max<int64_t>(1, tiles / (8 * at::get_num_threads()));
+  parallel_chunks(tiles, chunk, [&](int64_t begin, int64_t end) {
+    for_format(w, [&]<int BITS, int GROUP>() { matmul_tiles<BITS, GROUP>(a, M, w, out, begin, end); });
+  });
+}
+
+void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
+  const float inv = 1.0f / std::sqrt(dot_f32(x, x, n) / static_cast<float>(n) + eps);
+  const F scale = V::set1(inv);
+  int64_t i = 0;
+  for (; i + V::kFloats <= n; i += V::kFloats) V::store(y + i, V::mul(V::mul(V::load(x + i), scale), V::load(w + i)));
+  for (; i < n; ++i) y[i] = x[i] * inv * w[i];
+}
+
+void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
+  const F one = V::set1(1.0f);
+  int64_t i = 0;
+  for (; i + V::kFloats <= n; i += V::kFloats) {
+    const F g = V::load(gate + i);
+    const F sigmoid = V::div(one, V::add(one, exp_v(V::neg(g))));
+    V::store(out + i, V::mul(V::mul(g, sigmoid), V::load(up + i)));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.0f + exp1(-gate[i])) * up[i];
+}
+
+// softmax weights exp(scores[i] - max) in place over [first, n); returns their sum.
+float exponentiate(float* scores, int64_t first, int64_t n, float max_score) {
+  const F shift = V::set1(max_score);
+  F sum = V::zero();
+  int64_t p = first;
+  for (; p + V::kFloats <= n; p += V::kFloats) {
+    const F e = exp_v(V::sub(V::load(scores + p), shift));
+    V::store(scores + p, e);
+    sum = V::add(sum, e);
+  }
+  float total = V::hsum(sum);
+  for (; p < n; ++p) total += (scores[p] = exp1(scores[p] - max_score));
+  return total;
+}
+
+// Requests the cache lines of one head's cached row: slots scatter rows over the cache, so the
+// hardware prefetcher does not see them coming and each row would otherwise stall on memory.
+template <int D, _mm_hint HINT = _MM_HINT_T0>
+inline void prefetch_row(const float* row) {
+  for (int i = 0; i < D; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), HINT);
+}
+
+constexpr int64_t kPrefetchKeys = 16;  // how many positions ahead rows are requested
+
+// Attention of one head for a head_dim the registers divide: four keys at a time so their dot
+// products are independent FMA chains; the output stays in registers across positions.
+template <int D>
+void attend_head(const float* q, const float* k, const float* v, const int64_t* slots, int64_t first, int64_t n,
+                 int64_t row, float scale, float* scores, float* out) {
+  static_assert(D % V::kFloats == 0 && D > 0, "head_dim must be a multiple of the register width");
+  constexpr int C = D / V::kFloats;
+  F qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = V::load(q + V::kFloats * c);
+  float max_score = -std::numeric_limits<float>::infinity();
+  int64_t p = first;
+  for (; p + 4 <= n; p += 4) {
+    const float* key[4];
+    F acc[4];
+    for (int j = 0; j < 4; ++j) {
+      if (p + j + kPrefetchKeys < n) {
+        prefetch_row<D>(k + slots[p + j + kPrefetchKeys] * row);
+        prefetch_row<D, _MM_HINT_T1>(v + slots[p + j + kPrefetchKeys] * row);  // for the weighted sum
+      }
+      key[j] = k + slots[p + j] * row;
+      acc[j] = V::mul(qv[0], V::load(key[j]));
+    }
+    for (int c = 1; c < C; ++c)
+      for (int j = 0; j < 4; ++j) acc[j] = V::fmadd(qv[c], V::load(key[j] + V::kFloats * c), acc[j]);
+    for (int j = 0; j < 4; ++j) max_score = std::max(max_score, scores[p + j] = V::hsum(acc[j]) * scale);
+  }
+  for (; p < n; ++p) {
+    const float* key = k + slots[p] * row;
+    F acc = V::mul(qv[0], V::load(key));
+    for (int c = 1; c < C; ++c) acc = V::fmadd(qv[c], V::load(key + V::kFloats * c), acc);
+    max_score = std::max(max_score, scores[p] = V::hsum(acc) * scale);
+  }
+  const F inv_total = V::set1(1.0f / exponentiate(scores, first, n, max_score));
+  F o[C];
+  for (int c = 0; c < C; ++c) o[c] = V::zero();
+  for (p = first; p < std::min(n, first + kPrefetchKeys); ++p) prefetch_row<D>(v + slots[p] * row);
+  for (p = first; p < n; ++p) {
+    if (p + kPrefetchKeys < n) prefetch_row<D>(v + slots[p + kPrefetchKeys] * row);
+    const float* value = v + slots[p] * row;
+    const F w = V::set1(scores[p]);
+    for (int c = 0; c < C; ++c) o[c] = V::fmadd(w, V::load(value + V::kFloats * c), o[c]);
+  }
+  for (int c = 0; c < C; ++c) V::store(out + V::kFloats * c, V::mul(o[c], inv_total));
+}
+
+// The same for any head_dim, plainly.
+void attend_head_any(const float* q, const float* k, const float* v, const int64_t* slots, int64_t first, int64_t n,
+                     int64_t row, int64_t dim, float scale, float* scores, float* out) {
+  float max_score = -std::numeric_limits<float>::infinity();
+  for (int64_t p = first; p < n; ++p) max_score = std::max(max_score, scores[p] = dot_f32(q, k + slots[p] * row, dim) * scale);
+  const float total = exponentiate(scores, first, n, max_score);
+  std::fill_n(out, dim, 0.0f);
+  for (int64_t p = first; p < n; ++p) {
+    const float* value = v + slots[p] * row;
+    const float w = scores[p] / total;
+    for (int64_t d = 0; d < dim; ++d) out[d] += w * value[d];
+  }
+}
+
+void attend(const float* q, const float* k, const float* v, const int64_t* slots, int64_t first, int64_t n,
+            int64_t row, int64_t dim, float scale, float* scores, float* out) {
+  switch (dim) {
+    case 16: attend_head<16>(q, k, v, slots, first, n, row, scale, scores, out); break;
+    case 32: attend_head<32>(q, k, v, slots, first, n, row, scale, scores, out); break;
+    case 64: attend_head<64>(q, k, v, slots, first, n, row, scale, scores, out); break;
+    case 128: attend_head<128>(q, k, v, slots, first, n, row, scale, scores, out); break;
+    case 256: attend_head<256>(q, k, v, slots, first, n, row, scale, scores, out); break;
+    default: attend_head_any(q, k, v, slots, first, n, row, dim, scale, scores, out);
+  }
+}
+
+std::pair<int64_t, float> argmax_logsumexp(const float* x, int64_t n) {
+  F top = V::set1(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + V::kFloats <= n; i += V::kFloats) top = V::max(top, V::load(x + i));
+  float max_value = V::hmax(top);
+  for (; i < n; ++i) max_value = std::max(max_value, x[i]);
+  // The first register's worth holding the maximum, then its first lane.
+  const F target = V::set1(max_value);
+  int64_t index = 0;
+  while (index + V::kFloats <= n && !V::any_equal(V::load(x + index), target)) index += V::kFloats;
+  while (x[index] != max_value) ++index;
+  F sum = V::zero();
+  for (i = 0; i + V::kFloats <= n; i += V::kFloats) sum = V::add(sum, exp_v(V::sub(V::load(x + i), target)));
+  float total = V::hsum(sum);
+  for (; i < n; ++i) total += exp1(x[i] - max_value);
+  return {index, max_value + std::log(total)};
+}
+
+}  // namespace
+
+const IsaKernels kernels = {V::kName,  V::kLabel, &V::runs_here, &matmul, &rms_norm,
+                            &silu_mul, &attend,   &argmax_logsumexp};
