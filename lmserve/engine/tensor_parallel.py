@@ -1,5 +1,6 @@
 """Runs the model split over `tensor_parallel_size` processes (`lmserve.parallel`), on PyTorch's
-distributed runtime: a TCP store on 127.0.0.1 and a gloo process group (NCCL on GPUs).
+distributed runtime: a TCP store on 127.0.0.1 and a gloo process group (NCCL on GPUs), with
+the collectives of ranks on one CPU through shared memory (`parallel.shm`).
 
 The engine's own process is rank 0: it schedules, samples and prepares every step
 (`ModelRunner.prepare`). It starts the other ranks as processes of their own (multiprocessing
@@ -17,12 +18,14 @@ from __future__ import annotations
 import datetime
 import logging
 import multiprocessing
+import os
 import pickle
 
 import torch
 import torch.distributed as dist
 
 from lmserve import parallel
+from lmserve.parallel import shm
 from lmserve.config import EngineConfig
 from lmserve.errors import EngineDeadError
 
@@ -44,7 +47,18 @@ def _process_group(store, rank: int, size: int, device: torch.device):
 
 
 def _broadcast(group: parallel.TPGroup, item) -> object:
-    """Rank 0's `item` on every rank: its pickle's length, then its bytes."""
+    """Rank 0's `item` on every rank: through shared memory when it fits, else its pickle's length
+    and then its bytes through the process group (an empty shared-memory message says which)."""
+    if group.shm is not None:
+        if group.rank == 0:
+            payload = pickle.dumps(item)
+            if group.shm.send(payload):
+                return item
+            group.shm.send(b"")
+        else:
+            payload = group.shm.receive()
+            if payload:
+                return pickle.loads(payload)
     if group.rank == 0:
         payload = torch.frombuffer(bytearray(pickle.dumps(item)), dtype=torch.uint8)
         length = torch.tensor([payload.numel()])
@@ -71,14 +85,19 @@ class Workers:
         torch.set_num_threads(threads)
         self.store = dist.TCPStore("127.0.0.1", 0, size, True, datetime.timedelta(seconds=TIMEOUT_SECONDS * 4),
                                    wait_for_workers=False)
+        on_cpu = engine_config.torch_device.type == "cpu" and shm.supported()
+        self.shm = shm.SharedMemoryGroup(f"lmserve-tp-{os.getpid()}-{self.store.port}", 0, size, True,
+                                         TIMEOUT_SECONDS, self._all_alive) if on_cpu else None
         context = multiprocessing.get_context("spawn")
         self.processes = [context.Process(target=_worker_main, name=f"lmserve-tp-rank{rank}", daemon=True,
-                                          args=(rank, size, self.store.port, checkpoint_path, engine_config,
-                                                num_blocks, num_swap_blocks, max_model_len, threads))
+                                          args=(rank, size, self.store.port, self.shm and self.shm.segment.name,
+                                                checkpoint_path, engine_config, num_blocks, num_swap_blocks,
+                                                max_model_len, threads))
                           for rank in range(1, size)]
         for process in self.processes:
             process.start()
-        self.group = parallel.TPGroup(0, size, _process_group(self.store, 0, size, engine_config.torch_device))
+        self.group = parallel.TPGroup(0, size, _process_group(self.store, 0, size, engine_config.torch_device),
+                                      self.shm)
         self.failure: TensorParallelError | None = None
         logger.info("tensor parallel: %d ranks (rank 0 here, workers %s), %d threads each", size,
                     ", ".join(str(p.pid) for p in self.processes), threads)
@@ -103,6 +122,9 @@ class Workers:
                        + ", ".join(f"rank {rank} (pid {p.pid})" for rank, p in enumerate(self.processes, 1))
                        + f" are alive but did not answer within {TIMEOUT_SECONDS} s")
 
+    def _all_alive(self) -> bool:
+        return all(process.is_alive() for process in self.processes)
+
     def _check_alive(self) -> None:
         for rank, process in enumerate(self.processes, 1):
             if not process.is_alive():
@@ -124,7 +146,9 @@ class Workers:
             process.join(5)
             if process.is_alive():
                 process.terminate()
-        self.processes = [p for p in self.processes if p.is_alive()]
+        if self.shm is not None:
+            self.shm.close(unlink=True)
+            self.shm = None
 
 
 class TensorParallelRunner:
@@ -142,15 +166,21 @@ class TensorParallelRunner:
         return self.workers.guard(lambda: (self.workers.broadcast(inputs), self.runner.run(inputs))[1])
 
 
-def _worker_main(rank: int, size: int, port: int, checkpoint_path: str, engine_config: EngineConfig,
-                 num_blocks: int, num_swap_blocks: int, max_model_len: int, threads: int) -> None:
+def _worker_main(rank: int, size: int, port: int, shm_name: str | None, checkpoint_path: str,
+                 engine_config: EngineConfig, num_blocks: int, num_swap_blocks: int, max_model_len: int,
+                 threads: int) -> None:
     from lmserve.engine.model_builder import build_model
     from lmserve.engine.model_runner import ModelRunner
     from lmserve.loader import open_checkpoint
 
     torch.set_num_threads(threads)
     store = dist.TCPStore("127.0.0.1", port, size, False, datetime.timedelta(seconds=TIMEOUT_SECONDS * 4))
-    group = parallel.TPGroup(rank, size, _process_group(store, rank, size, engine_config.torch_device))
+    memory = None
+    if shm_name is not None:
+        parent = os.getppid()
+        # (the segment is registered with the resource tracker rank 0 shares with its workers; rank 0 unlinks it)
+        memory = shm.SharedMemoryGroup(shm_name, rank, size, False, TIMEOUT_SECONDS, lambda: os.getppid() == parent)
+    group = parallel.TPGroup(rank, size, _process_group(store, rank, size, engine_config.torch_device), memory)
     checkpoint = open_checkpoint(checkpoint_path)
     with parallel.building(group):
         model = build_model(checkpoint, engine_config, max_model_len)

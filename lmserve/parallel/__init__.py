@@ -9,7 +9,8 @@ shared out by whole KV groups and an intermediate dim by whole quantization grou
 as they go, so a model with 9 heads in 3 KV groups splits 6 + 3 over two ranks. With fewer KV
 heads than ranks, each rank keeps the one KV head its query heads read (replicated).
 
-Layers read the group they belong to from `current()` when they are built (`building(group)`
+The collectives go through shared memory between ranks of one machine (`shm`), through the
+process group (gloo, NCCL) otherwise. Layers read the group they belong to from `current()` when they are built (`building(group)`
 sets it for the model's construction); with the default group of size 1 every helper here is
 the identity and no collective runs.
 """
@@ -29,6 +30,7 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     group: object | None = None  # the torch.distributed ProcessGroup of the ranks (size > 1)
+    shm: object | None = None  # a shm.SharedMemoryGroup of the same ranks, when they share a machine
 
     def part(self, n: int, unit: int = 1) -> slice:
         """This rank's share of `n` items, in whole `unit`s, the first ranks taking one unit more
@@ -55,18 +57,26 @@ class TPGroup:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of every rank's `x` (in place)."""
-        if self.size > 1:
-            self.group.allreduce([x]).wait()
+        if self.size == 1 or x.numel() == 0:  # every rank has the same shapes: all skip alike
+            return x
+        if self.shm is not None and self.shm.fits(x):
+            return self.shm.all_reduce(x)
+        self.group.allreduce([x]).wait()
         return x
 
     def all_gather_last(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Every rank's `x` [..., sizes[rank]] joined along the last dim (ranks in order)."""
         if self.size == 1:
             return x
+        if x.numel() == 0:
+            return x.new_empty(*x.shape[:-1], sum(sizes))
         width = max(sizes)
         padded = x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
-        parts = [torch.empty_like(padded) for _ in range(self.size)]
-        self.group.allgather([parts], [padded.contiguous()]).wait()
+        if self.shm is not None and self.shm.fits(padded):
+            parts = self.shm.all_gather(padded)
+        else:
+            parts = [torch.empty_like(padded) for _ in range(self.size)]
+            self.group.allgather([parts], [padded.contiguous()]).wait()
         return torch.cat([part[..., :size] for part, size in zip(parts, sizes)], dim=-1)
 
 
