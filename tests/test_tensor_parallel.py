@@ -135,3 +135,22 @@ def test_server_answers_503_after_a_rank_dies_and_exits_on_sigterm(tiny_model_fa
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_torchrun_launch_gives_the_same_reply(tmp_path, tiny_model_factory):
+    """`torchrun --nproc-per-node 2 -m lmserve.entrypoints.cli generate ... --tensor-parallel-size 2`:
+    rank 0 generates with the process torchrun started as rank 1, which then exits too."""
+    from tests.tiny_tokenizer import save_tokenizer
+
+    path, _ = tiny_model_factory("llama_gqa")
+    model = tmp_path / "model"
+    shutil.copytree(path, model)
+    save_tokenizer(model, 320)
+    command = ["-m", "lmserve.entrypoints.cli", "generate", "the river", "--model", str(model), "--max-tokens", "8",
+               "--dtype", "float32"]
+    whole = subprocess.run([sys.executable, *command], capture_output=True, timeout=120)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    split = subprocess.run([*torchrun, *command, "--tensor-parallel-size", "2"], capture_output=True, timeout=180)
+    assert split.returncode == 0, split.stderr.decode()[-2000:]
+    assert split.stdout == whole.stdout and whole.stdout.strip()
+    assert b"leaked" not in split.stderr

@@ -4,8 +4,11 @@ the collectives of ranks on one CPU through shared memory (`parallel.shm`).
 
 The engine's own process is rank 0: it schedules, samples and prepares every step
 (`ModelRunner.prepare`). It starts the other ranks as processes of their own (multiprocessing
-spawn), each with cores / N threads by default, which load the same checkpoint as their part of
-the model and a KV cache for their heads with the same number of blocks. Each step rank 0
+spawn), each with cores / N threads by default, or, when `torchrun` started N processes (on one
+machine or several: `--nnodes`, `--master-addr`, `--master-port`), uses those: rank 0 posts what
+to load in torchrun's rendezvous store and the others (`run_torchrun_worker`) read it. Every
+worker loads the same checkpoint as its part of the model and a KV cache for its heads with the
+same number of blocks. Each step rank 0
 broadcasts the step's inputs (pickled, as one byte tensor) and every rank runs it
 (`ModelRunner.run`); the layers' all-reduces and the LM head's all-gather join them, and rank 0
 keeps the logits. A rank that exits, or a collective that does not complete within
@@ -20,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -27,7 +31,7 @@ import torch.distributed as dist
 from lmserve import parallel
 from lmserve.parallel import shm
 from lmserve.config import EngineConfig
-from lmserve.errors import EngineDeadError
+from lmserve.errors import EngineDeadError, InvalidParameterError
 
 logger = logging.getLogger("lmserve")
 
@@ -75,32 +79,67 @@ def threads_per_rank(size: int) -> int:
     return max(1, torch.get_num_threads() // size)
 
 
+def torchrun_rank() -> int | None:
+    """This process's rank when `torchrun` started it (its environment says so), else None."""
+    return int(os.environ["RANK"]) if "RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ else None
+
+
+def _torchrun_store(size: int):
+    """The rendezvous store of a `torchrun` launch (the ranks' own namespace in it)."""
+    world = int(os.environ["WORLD_SIZE"])
+    if world != size:
+        raise InvalidParameterError("tensor_parallel_size", f"{size}, but torchrun started {world} processes; "
+                                                            f"they must be equal")
+    store, _, _ = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS * 4)))
+    return dist.PrefixStore("lmserve", store)
+
+
+_LIVE: "weakref.WeakSet[Workers]" = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """Stop every tensor-parallel engine's workers (for a process about to end without its
+    interpreter's teardown)."""
+    for workers in list(_LIVE):
+        workers.close()
+
+
 class Workers:
-    """Ranks 1..N-1 of a tensor-parallel engine, started and joined from rank 0."""
+    """Ranks 1..N-1 of a tensor-parallel engine, seen from rank 0: processes it starts itself, or
+    the other processes of a `torchrun` launch (on this machine or others), which it tells what to
+    load through the rendezvous store."""
 
     def __init__(self, checkpoint_path: str, engine_config: EngineConfig, num_blocks: int, num_swap_blocks: int,
                  max_model_len: int):
         size = engine_config.tensor_parallel_size
-        threads = threads_per_rank(size)
+        launched = torchrun_rank() is not None
+        threads = torch.get_num_threads() if launched else threads_per_rank(size)
         torch.set_num_threads(threads)
-        self.store = dist.TCPStore("127.0.0.1", 0, size, True, datetime.timedelta(seconds=TIMEOUT_SECONDS * 4),
-                                   wait_for_workers=False)
-        on_cpu = engine_config.torch_device.type == "cpu" and shm.supported()
-        self.shm = shm.SharedMemoryGroup(f"lmserve-tp-{os.getpid()}-{self.store.port}", 0, size, True,
-                                         TIMEOUT_SECONDS, self._all_alive) if on_cpu else None
-        context = multiprocessing.get_context("spawn")
-        self.processes = [context.Process(target=_worker_main, name=f"lmserve-tp-rank{rank}", daemon=True,
-                                          args=(rank, size, self.store.port, self.shm and self.shm.segment.name,
-                                                checkpoint_path, engine_config, num_blocks, num_swap_blocks,
-                                                max_model_len, threads))
-                          for rank in range(1, size)]
-        for process in self.processes:
-            process.start()
+        timeout = datetime.timedelta(seconds=TIMEOUT_SECONDS * 4)
+        self.store = _torchrun_store(size) if launched else dist.TCPStore("127.0.0.1", 0, size, True, timeout,
+                                                                          wait_for_workers=False)
+        one_machine = not launched or int(os.environ.get("LOCAL_WORLD_SIZE", 0)) == size
+        use_shm = one_machine and engine_config.torch_device.type == "cpu" and shm.supported()
+        self.shm = shm.SharedMemoryGroup(f"lmserve-tp-{os.getpid()}-{id(self)}", 0, size, True, TIMEOUT_SECONDS,
+                                         self._all_alive) if use_shm else None
+        job = (self.shm and self.shm.segment.name, checkpoint_path, engine_config, num_blocks, num_swap_blocks,
+               max_model_len, threads)
+        self.processes = []
+        if launched:
+            self.store.set("job", pickle.dumps(job))
+        else:
+            context = multiprocessing.get_context("spawn")
+            self.processes = [context.Process(target=_spawned_worker, name=f"lmserve-tp-rank{rank}", daemon=True,
+                                              args=(rank, size, self.store.port, *job)) for rank in range(1, size)]
+            for process in self.processes:
+                process.start()
         self.group = parallel.TPGroup(0, size, _process_group(self.store, 0, size, engine_config.torch_device),
                                       self.shm)
         self.failure: TensorParallelError | None = None
-        logger.info("tensor parallel: %d ranks (rank 0 here, workers %s), %d threads each", size,
-                    ", ".join(str(p.pid) for p in self.processes), threads)
+        self.closed = False
+        _LIVE.add(self)
+        logger.info("tensor parallel: %d ranks (rank 0 here; workers %s), %d threads each", size,
+                    "started by torchrun" if launched else ", ".join(str(p.pid) for p in self.processes), threads)
 
     def wait_ready(self) -> None:
         """Return once every rank has loaded its part of the model."""
@@ -118,9 +157,10 @@ class Workers:
             return work()
         except RuntimeError as exc:  # gloo: a peer closed its connection, or a collective timed out
             self._check_alive()
-            self._fail(f"a collective between the ranks failed ({exc}); workers "
-                       + ", ".join(f"rank {rank} (pid {p.pid})" for rank, p in enumerate(self.processes, 1))
-                       + f" are alive but did not answer within {TIMEOUT_SECONDS} s")
+            ranks = ", ".join(f"rank {rank}" + (f" (pid {p.pid})" if p else "") for rank, p in
+                              enumerate(self.processes or [None] * (self.group.size - 1), 1))
+            self._fail(f"a collective between the ranks failed ({exc}); workers {ranks} did not answer within "
+                       f"{TIMEOUT_SECONDS} s or closed their connections")
 
     def _all_alive(self) -> bool:
         return all(process.is_alive() for process in self.processes)
@@ -136,8 +176,12 @@ class Workers:
         raise self.failure
 
     def close(self) -> None:
-        """Stop the workers: told to, when they are healthy; terminated otherwise."""
-        if self.failure is None and all(p.is_alive() for p in self.processes):
+        """Stop the workers: told to, when they are healthy; terminated otherwise (those this
+        process started). Once only."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.failure is None and self._all_alive():
             try:
                 _broadcast(self.group, _STOP)
             except RuntimeError:
@@ -166,20 +210,35 @@ class TensorParallelRunner:
         return self.workers.guard(lambda: (self.workers.broadcast(inputs), self.runner.run(inputs))[1])
 
 
-def _worker_main(rank: int, size: int, port: int, shm_name: str | None, checkpoint_path: str,
-                 engine_config: EngineConfig, num_blocks: int, num_swap_blocks: int, max_model_len: int,
-                 threads: int) -> None:
+def _spawned_worker(rank: int, size: int, port: int, *job) -> None:
+    """A worker process this engine started: its store is rank 0's, its parent rank 0 (whose
+    resource tracker it shares, and which unlinks the shared-memory segment)."""
+    store = dist.TCPStore("127.0.0.1", port, size, False, datetime.timedelta(seconds=TIMEOUT_SECONDS * 4))
+    parent = os.getppid()
+    _run_worker(rank, size, store, lambda: os.getppid() == parent, False, *job)
+
+
+def run_torchrun_worker() -> None:
+    """A rank > 0 of a `torchrun` launch: load what rank 0 posts in the store, then run steps
+    until rank 0 stops (or goes away)."""
+    store = _torchrun_store(int(os.environ["WORLD_SIZE"]))
+    job = pickle.loads(store.get("job"))
+    _run_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), store, lambda: True, True, *job)
+
+
+def _run_worker(rank: int, size: int, store, parent_alive, own_tracker: bool, shm_name: str | None,
+                checkpoint_path: str, engine_config: EngineConfig, num_blocks: int, num_swap_blocks: int,
+                max_model_len: int, threads: int) -> None:
     from lmserve.engine.model_builder import build_model
     from lmserve.engine.model_runner import ModelRunner
     from lmserve.loader import open_checkpoint
 
     torch.set_num_threads(threads)
-    store = dist.TCPStore("127.0.0.1", port, size, False, datetime.timedelta(seconds=TIMEOUT_SECONDS * 4))
-    memory = None
-    if shm_name is not None:
-        parent = os.getppid()
-        # (the segment is registered with the resource tracker rank 0 shares with its workers; rank 0 unlinks it)
-        memory = shm.SharedMemoryGroup(shm_name, rank, size, False, TIMEOUT_SECONDS, lambda: os.getppid() == parent)
+    memory = shm.SharedMemoryGroup(shm_name, rank, size, False, TIMEOUT_SECONDS, parent_alive) if shm_name else None
+    if memory is not None and own_tracker:  # rank 0 owns and unlinks the segment, not this process's tracker
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(memory.segment._name, "shared_memory")
     group = parallel.TPGroup(rank, size, _process_group(store, rank, size, engine_config.torch_device), memory)
     checkpoint = open_checkpoint(checkpoint_path)
     with parallel.building(group):

@@ -390,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _exit_at_once(code: int) -> None:
+    tensor_parallel = sys.modules.get("lmserve.engine.tensor_parallel")
+    if tensor_parallel is not None:  # its workers and shared memory are not left to a teardown that will not run
+        tensor_parallel.close_all()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
