@@ -226,7 +226,9 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"  # auto (the compute dtype), int8 or fp8 (e4m3)
+    # auto (the compute dtype); bfloat16 / float16: K/V stored in 16 bits, attention computed in
+    # the compute dtype; int8 or fp8 (e4m3): quantized with one scale per token and head.
+    kv_cache_dtype: str = "auto"
     # auto: keep a GGUF file's packed formats on the CPU, dense weights otherwise;
     # none: dequantize everything to `dtype`; int8 / int4: weight-only quantization at load.
     quantization: str = "auto"
@@ -263,11 +265,13 @@ class EngineConfig:
             raise InvalidParameterError("device", "cuda requested but no CUDA GPU is available")
         self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)
         self.kv_cache_bytes = parse_bytes(self.kv_cache_memory, "kv_cache_memory")
-        kv_dtypes = {"auto": self.torch_dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
+        kv_dtypes = {"auto": self.torch_dtype, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                     "float16": torch.float16, "fp16": torch.float16, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
         if self.kv_cache_dtype not in kv_dtypes:
-            raise InvalidParameterError("kv_cache_dtype", f"must be one of auto, int8, fp8; got {self.kv_cache_dtype!r}")
+            raise InvalidParameterError("kv_cache_dtype", f"must be one of {', '.join(kv_dtypes)}; "
+                                                          f"got {self.kv_cache_dtype!r}")
         self.kv_torch_dtype = kv_dtypes[self.kv_cache_dtype]
-        self.kv_quantized = self.kv_cache_dtype != "auto"
+        self.kv_quantized = self.kv_cache_dtype in ("int8", "fp8")
         if self.quantization not in QUANTIZATION_MODES:
             raise InvalidParameterError("quantization", f"must be one of {', '.join(QUANTIZATION_MODES)}; "
                                                         f"got {self.quantization!r}")

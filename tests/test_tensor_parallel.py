@@ -154,3 +154,25 @@ def test_torchrun_launch_gives_the_same_reply(tmp_path, tiny_model_factory):
     assert split.returncode == 0, split.stderr.decode()[-2000:]
     assert split.stdout == whole.stdout and whole.stdout.strip()
     assert b"leaked" not in split.stderr
+
+
+def test_beam_search_prefix_hits_and_preemption_match_one_rank(tiny_model_factory):
+    """Through the same runner on every rank: beams (forks, copy-on-write block copies), a
+    prompt served from the prefix cache, and preemption when a small cache runs out."""
+    from lmserve import BeamSearchParams
+
+    path, _ = tiny_model_factory("qwen3")
+    prompts = [PROMPT, PROMPT[:12], PROMPT[3:18], PROMPT]  # the last one hits the first's cached blocks
+    results = {}
+    for tp in (1, 2):
+        llm = LLM(str(path), dtype="float32", tensor_parallel_size=tp, num_kv_blocks=12, block_size=4)
+        try:
+            beams = llm.beam_search([PROMPT[:9]], BeamSearchParams(beam_width=3, max_tokens=6), use_tqdm=False)
+            greedy = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+                                  use_tqdm=False)
+            results[tp] = ([s.token_ids for s in beams[0].sequences], [o.outputs[0].token_ids for o in greedy],
+                           llm.engine.scheduler.num_preemptions, llm.engine.block_manager.prefix_cache_hit_rate)
+        finally:
+            llm.engine.close()
+    assert results[2][:2] == results[1][:2]
+    assert results[2][2] > 0 and results[2][3] > 0  # preemptions happened, the prefix cache was hit

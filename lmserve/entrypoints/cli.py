@@ -27,7 +27,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", default="1GiB")
-    p.add_argument("--kv-cache-dtype", default="auto", help="auto, int8 or fp8")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto (the compute dtype), bfloat16 or float16 (16-bit K/V), int8 or fp8 (quantized)")
     p.add_argument("--quantization", default="auto",
                    help="auto (keep a GGUF file's quantized weights packed), none (dequantize to --dtype), "
                         "int8 or int4 (weight-only quantization at load)")
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     ppl.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
     ppl.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 (float16 on GPU)")
+    ppl.add_argument("--kv-cache-dtype", default="auto",
+                     help="the model's KV cache (bfloat16, float16, int8, fp8); the reference keeps its default, "
+                          "so --reference with the same model gives the cache's KL")
     ppl.add_argument("--quantization", default="auto", help="auto, none, int8 or int4 (see LLM options)")
     ppl.add_argument("--device", default="cpu")
     ppl.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")

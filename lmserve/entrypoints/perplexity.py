@@ -21,11 +21,11 @@ def _read_text(path: str) -> str:
         raise InvalidParameterError("text", f"cannot read {path} as UTF-8 text ({exc})") from None
 
 
-def _load(model: str, args):
+def _load(model: str, args, kv_cache_dtype: str = "auto"):
     from lmserve import LLM
 
     engine = LLM(model, dtype=args.dtype, quantization=args.quantization, device=args.device,
-                 threads=args.threads).engine
+                 threads=args.threads, kv_cache_dtype=kv_cache_dtype).engine
     if args.ctx > engine.max_model_len:
         raise InvalidParameterError("ctx", f"{args.ctx} exceeds {model}'s context limit of "
                                            f"{engine.max_model_len} tokens")
@@ -34,7 +34,7 @@ def _load(model: str, args):
 
 def run_perplexity(args) -> QualityReport:
     text = _read_text(args.text)
-    engine = _load(args.model, args)
+    engine = _load(args.model, args, args.kv_cache_dtype)  # the reference keeps its default cache
     windows = text_windows(engine.tokenizer, text, args.ctx, args.max_windows)
     reference = _load(args.reference, args) if args.reference else None
     if reference is not None and reference.model_config.vocab_size != engine.model_config.vocab_size:
