@@ -17,6 +17,7 @@ DEFAULT_REQUEST_TIMEOUT = 600.0
 
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 PREEMPTION_MODES = ("recompute", "swap")
+PREFILL_PRECISIONS = ("fp32", "bf16")
 
 _DTYPES = {  # name -> the torch dtype's name
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -238,6 +239,9 @@ class EngineConfig:
     deterministic: bool = False
     # Run decode steps through the PyTorch modules even where the fused native decoder applies.
     enforce_eager: bool = False
+    # The GEMMs of many-row steps (prefill) on packed CPU weights: "fp32" (exact, the default) or
+    # "bf16" (oneDNN bf16 kernels; ~1.3x prefill on AVX512-BF16 CPUs, KL 0.0009 on SmolLM2).
+    prefill_precision: str = "fp32"
     seed: int = 0
     # When KV blocks run out: "recompute" frees a victim's blocks and prefills it again later;
     # "swap" copies them to `swap_space` bytes of host memory (a memory-mapped file for a CPU cache).
@@ -290,6 +294,9 @@ class EngineConfig:
             raise InvalidParameterError("num_kv_blocks", f"must be an integer >= 1, got {self.num_kv_blocks!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise InvalidParameterError("max_model_len", f"must be an integer >= 1, got {self.max_model_len!r}")
+        if self.prefill_precision not in PREFILL_PRECISIONS:
+            raise InvalidParameterError("prefill_precision", f"must be one of {', '.join(PREFILL_PRECISIONS)}; "
+                                                             f"got {self.prefill_precision!r}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise InvalidParameterError("preemption_mode", f"must be one of {', '.join(PREEMPTION_MODES)}; "
                                                            f"got {self.preemption_mode!r}")

@@ -202,3 +202,17 @@ def test_packed_outputs_do_not_depend_on_the_batch(smollm2_pair):
     batched = [o.outputs[0].token_ids for o in llm.chat(conversations, params, use_tqdm=False)]
     alone = [llm.chat([c], params, use_tqdm=False)[0].outputs[0].token_ids for c in conversations]
     assert batched == alone
+
+
+def test_bf16_prefill_gemm_stays_close_to_fp32(smollm2_path):
+    """`prefill_precision="bf16"`: many-row steps on packed weights run bf16 GEMMs; the scores of a
+    prompt move (the path is taken) but stay close to the exact fp32 path's."""
+    from lmserve import LLM
+
+    ids = LLM(str(smollm2_path)).tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 12)
+    exact = torch.log_softmax(LLM(str(smollm2_path), kv_cache_memory="64MiB").engine.score(ids), dim=-1)
+    fast = torch.log_softmax(LLM(str(smollm2_path), kv_cache_memory="64MiB",
+                                 prefill_precision="bf16").engine.score(ids), dim=-1)
+    kl = (exact.exp() * (exact - fast)).sum(-1).mean().item()
+    assert 0 < kl < 0.005, kl
+    assert (exact.argmax(-1) == fast.argmax(-1)).float().mean().item() >= 0.95

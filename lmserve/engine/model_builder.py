@@ -17,7 +17,7 @@ from lmserve.layers.linear import Linear
 from lmserve.loader import Checkpoint
 from lmserve.models import registry
 from lmserve.models.weights import PackedShardLoader, WeightLoadError, load_weights
-from lmserve.quant.packed import KernelOrGemmWeight
+from lmserve.quant.packed import BlockWeight, KernelOrGemmWeight
 
 logger = logging.getLogger("lmserve")
 
@@ -51,10 +51,15 @@ def build_model(checkpoint: Checkpoint, engine_config: EngineConfig, max_model_l
         for module in model.modules():
             if isinstance(module, Linear):
                 module.quantize_(engine_config.quantization)
-    if engine_config.deterministic:
-        for module in model.modules():
-            if isinstance(module, KernelOrGemmWeight):
+    for module in model.modules():
+        if isinstance(module, KernelOrGemmWeight):
+            if engine_config.deterministic:
                 module.kernel_max_rows = 0
+            if engine_config.prefill_precision == "bf16" and isinstance(module, BlockWeight):
+                module.gemm_dtype = torch.bfloat16
+    if engine_config.prefill_precision == "bf16" and not torch.cpu._is_avx512_bf16_supported():
+        logger.warning("prefill_precision bf16: this CPU has no AVX512-BF16, so bf16 GEMMs are likely slower "
+                       "than fp32 here")
     _log_weight_formats(model)
     return model.eval()
 

@@ -35,6 +35,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="run packed weights the same way at every batch size, so a request's tokens do not "
                         "depend on what it is batched with (slower decode)")
+    p.add_argument("--prefill-precision", default="fp32", choices=("fp32", "bf16"),
+                   help="GEMMs of prefill on packed CPU weights: fp32 (exact) or bf16 (faster on AVX512-BF16 CPUs)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps through the PyTorch modules instead of the fused native decoder")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
@@ -175,6 +177,7 @@ def _llm(args):
                    max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                    kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
                    deterministic=args.deterministic, enforce_eager=args.enforce_eager,
+                   prefill_precision=args.prefill_precision,
                    speculative=_speculative(args), tensor_parallel_size=args.tensor_parallel_size,
                    max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                    max_cpu_loras=args.max_cpu_loras, enable_lora=args.enable_lora or bool(

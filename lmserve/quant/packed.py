@@ -84,6 +84,9 @@ class BlockWeight(KernelOrGemmWeight):
     into a cache-sized scratch buffer and multiply it with GEMM."""
 
     kernel_max_rows = 32  # measured crossover with the slab GEMM on a 2-core Zen 3
+    # The slab GEMM's operand type: bfloat16 (`prefill_precision="bf16"`) runs it through
+    # oneDNN's bf16 kernels (AVX512-BF16 / AMX), inputs and outputs rounded to bf16.
+    gemm_dtype = torch.float32
     _SCRATCH_ELEMENTS = 1 << 19  # 2 MiB of fp32: one slab stays in cache between its two uses
     _scratch: torch.Tensor | None = None
 
@@ -132,13 +135,15 @@ class BlockWeight(KernelOrGemmWeight):
         if BlockWeight._scratch is None or BlockWeight._scratch.numel() < 8 * self.in_features:
             BlockWeight._scratch = torch.empty(max(self._SCRATCH_ELEMENTS, 8 * self.in_features))
         slab = max(8, self._SCRATCH_ELEMENTS // self.in_features // 8 * 8)  # whole blocks of 8 rows
-        out_t = torch.empty(self.out_features, flat.shape[0])
+        dtype = self.gemm_dtype
+        x_t = flat.t().to(dtype)
+        out_t = torch.empty(self.out_features, flat.shape[0], dtype=dtype)
         for start in range(0, self.out_features, slab):
             rows = slice(start, min(start + slab, self.out_features))
             weight = BlockWeight._scratch[: (rows.stop - start) * self.in_features].view(-1, self.in_features)
             self._dequantize_into(start, weight)
-            torch.mm(weight, flat.t(), out=out_t[rows])
-        return out_t.t().contiguous()
+            torch.mm(weight.to(dtype), x_t, out=out_t[rows])
+        return out_t.t().float().contiguous()
 
 
 class GroupWeight(nn.Module):
