@@ -66,10 +66,6 @@ def async_engine():
     engine.shutdown()
 
 
-
-
-
-
 def _metric(http, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", http.get("/metrics").text, re.M)
     assert match, name
