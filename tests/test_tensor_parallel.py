@@ -92,6 +92,28 @@ def test_a_killed_rank_ends_the_engine_naming_it(tiny_model_factory):
         llm.engine.close()
 
 
+def test_a_stopped_rank_ends_the_engine_naming_it(tiny_model_factory, monkeypatch):
+    """A worker that hangs (SIGSTOP) rather than dies: rank 0 gives up after the collective
+    timeout (shortened here) and names the rank that did not arrive."""
+    from lmserve.engine import tensor_parallel
+
+    monkeypatch.setattr(tensor_parallel, "TIMEOUT_SECONDS", 3)
+    path, _ = tiny_model_factory("llama_gqa")
+    llm = LLM(str(path), dtype="float32", tensor_parallel_size=2)
+    worker = llm.engine.workers.processes[0]
+    try:
+        llm.generate([PROMPT], GREEDY, use_tqdm=False)
+        os.kill(worker.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match=f"rank 1 \\(pid {worker.pid}\\) stopped answering"):
+            llm.generate([PROMPT], GREEDY, use_tqdm=False)
+        assert time.monotonic() - start < 15
+    finally:
+        if worker.is_alive():
+            os.kill(worker.pid, signal.SIGKILL)
+        llm.engine.close()
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(line) for line in out.split()]

@@ -155,12 +155,13 @@ class Workers:
         self._check_alive()
         try:
             return work()
-        except RuntimeError as exc:  # gloo: a peer closed its connection, or a collective timed out
+        except RuntimeError as exc:  # a peer closed its connection, or a collective timed out
             self._check_alive()
-            ranks = ", ".join(f"rank {rank}" + (f" (pid {p.pid})" if p else "") for rank, p in
-                              enumerate(self.processes or [None] * (self.group.size - 1), 1))
-            self._fail(f"a collective between the ranks failed ({exc}); workers {ranks} did not answer within "
-                       f"{TIMEOUT_SECONDS} s or closed their connections")
+            late = getattr(exc, "ranks", None) or range(1, self.group.size)  # shm.PeerTimeout knows which
+            ranks = ", ".join(f"rank {rank}" + (f" (pid {self.processes[rank - 1].pid})" if self.processes else "")
+                              for rank in late)
+            self._fail(f"tensor-parallel {ranks} stopped answering: a collective between the ranks failed "
+                       f"or waited more than {TIMEOUT_SECONDS} s ({exc})")
 
     def _all_alive(self) -> bool:
         return all(process.is_alive() for process in self.processes)
@@ -188,8 +189,9 @@ class Workers:
                 pass
         for process in self.processes:
             process.join(5)
-            if process.is_alive():
-                process.terminate()
+            if process.is_alive():  # hung, or stopped (which a SIGTERM would not end)
+                process.kill()
+                process.join(5)
         if self.shm is not None:
             self.shm.close(unlink=True)
             self.shm = None

@@ -32,6 +32,14 @@ _SPINS = 2000  # polls before the first sleep
 _HEADER = 4096  # flags at the start of the segment, before the slots
 
 
+class PeerTimeout(RuntimeError):
+    """Ranks that did not reach a collective in time."""
+
+    def __init__(self, message: str, ranks: list[int]):
+        super().__init__(message)
+        self.ranks = ranks
+
+
 def supported() -> bool:
     """Whether this CPU's memory order lets the flags publish data written before them."""
     return platform.machine().lower() in ("x86_64", "amd64")
@@ -67,7 +75,8 @@ class SharedMemoryGroup:
     def fits(self, x: torch.Tensor) -> bool:
         return x.numel() * x.element_size() <= SLOT_BYTES
 
-    def _wait(self, ready: Callable[[], bool], what: str) -> None:
+    def _wait(self, ready: Callable[[], bool], what: str, laggards: Callable[[], list[int]]) -> None:
+        """Until `ready()`; `laggards()` names the ranks being waited for when it times out."""
         spins = 0
         deadline = None
         pause = 1e-5
@@ -79,7 +88,9 @@ class SharedMemoryGroup:
             if deadline is None:
                 deadline = now + self.timeout
             elif now > deadline:
-                raise RuntimeError(f"shared-memory {what} timed out after {self.timeout:g} s")
+                late = laggards()
+                raise PeerTimeout(f"rank(s) {', '.join(map(str, late))} did not reach a shared-memory {what} "
+                                  f"within {self.timeout:g} s", late)
             if not self.alive():
                 raise RuntimeError(f"a rank exited during a shared-memory {what}")
             time.sleep(pause)
@@ -94,7 +105,8 @@ class SharedMemoryGroup:
         torch.frombuffer(buffers[self.rank], dtype=torch.uint8, count=nbytes).copy_(flat.view(torch.uint8))
         self.flags[self.rank] = self.seq
         seq, flags, size = self.seq, self.flags, self.size
-        self._wait(lambda: int(flags[:size].min()) >= seq, "collective")
+        self._wait(lambda: int(flags[:size].min()) >= seq, "collective",
+                   lambda: [rank for rank in range(size) if flags[rank] < seq])
         return [torch.frombuffer(b, dtype=x.dtype, count=x.numel()).view(x.shape) for b in buffers]
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +125,8 @@ class SharedMemoryGroup:
             return False
         sent, size, flags = self.messages_sent, self.size, self.flags
         # the buffer this message uses held message sent - 2, which every worker must have read
-        self._wait(lambda: int(flags[size + 1: 2 * size].min(initial=sent)) >= sent - 1, "broadcast")
+        self._wait(lambda: int(flags[size + 1: 2 * size].min(initial=sent)) >= sent - 1, "broadcast",
+                   lambda: [rank for rank in range(1, size) if flags[size + rank] < sent - 1])
         buffer = sent % 2
         self.messages[buffer][:len(payload)] = np.frombuffer(payload, dtype=np.uint8)
         flags[2 * size + 1 + buffer] = len(payload)
@@ -124,7 +137,7 @@ class SharedMemoryGroup:
     def receive(self) -> bytes:
         """A worker: the next message rank 0 posts (waiting for it)."""
         expected, size, flags = self.messages_sent + 1, self.size, self.flags
-        self._wait(lambda: int(flags[2 * size]) >= expected, "broadcast")
+        self._wait(lambda: int(flags[2 * size]) >= expected, "broadcast", lambda: [0])
         buffer = self.messages_sent % 2
         payload = self.messages[buffer][:int(flags[2 * size + 1 + buffer])].tobytes()
         self.messages_sent = expected
