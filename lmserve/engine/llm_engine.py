@@ -88,8 +88,8 @@ class LLMEngine:
                                    engine_config.max_loras)
         self.requests: dict[str, Request] = {}
         self.lora = LoRAManager(self.model, engine_config.max_loras, engine_config.max_lora_rank,
-                                engine_config.max_cpu_loras, engine_config.torch_dtype, self._adapters_in_use) \
-            if engine_config.enable_lora else None
+                                engine_config.max_cpu_loras, engine_config.torch_dtype,
+                                _adapters_in_use(self.requests)) if engine_config.enable_lora else None
         self.runner = ModelRunner(self.model, cfg, engine_config, num_blocks, fused_decoder_for(cfg),
                                   self.lora.batch if self.lora is not None else None)
         if num_swap_blocks:
@@ -177,9 +177,6 @@ class LLMEngine:
 
     def list_loras(self) -> list[LoRARequest]:
         return [adapter.request for adapter in self.lora.loaded.values()] if self.lora is not None else []
-
-    def _adapters_in_use(self) -> set:
-        return {request.lora for request in self.requests.values()} - {None}
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
@@ -315,6 +312,12 @@ def _raw_logprobs(logits: torch.Tensor, tokens: list[int]) -> list[float]:
     """Each row's log-probability of its token under the model's unprocessed distribution."""
     chosen = logits.float().gather(1, torch.tensor(tokens, device=logits.device).unsqueeze(1)).squeeze(1)
     return (chosen - torch.logsumexp(logits.float(), dim=-1)).tolist()
+
+
+def _adapters_in_use(requests: dict[str, Request]):
+    """The LoRA manager's view of the adapters live requests run with: a closure over the
+    engine's request table, not a bound method, for the same reason as `_releaser`."""
+    return lambda: {request.lora for request in requests.values()} - {None}
 
 
 def _releaser(scheduler: Scheduler, speculator: Speculator | None):

@@ -43,6 +43,11 @@ class TensorParallelError(EngineDeadError):
     """A tensor-parallel rank died or stopped answering."""
 
 
+def _store_timeout() -> datetime.timedelta:
+    """How long ranks wait for each other to join (loading a model included)."""
+    return datetime.timedelta(seconds=TIMEOUT_SECONDS * 4)
+
+
 def _process_group(store, rank: int, size: int, device: torch.device):
     timeout = datetime.timedelta(seconds=TIMEOUT_SECONDS)
     if device.type == "cuda":
@@ -90,7 +95,7 @@ def _torchrun_store(size: int):
     if world != size:
         raise InvalidParameterError("tensor_parallel_size", f"{size}, but torchrun started {world} processes; "
                                                             f"they must be equal")
-    store, _, _ = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS * 4)))
+    store, _, _ = next(dist.rendezvous("env://", timeout=_store_timeout()))
     return dist.PrefixStore("lmserve", store)
 
 
@@ -115,9 +120,8 @@ class Workers:
         launched = torchrun_rank() is not None
         threads = torch.get_num_threads() if launched else threads_per_rank(size)
         torch.set_num_threads(threads)
-        timeout = datetime.timedelta(seconds=TIMEOUT_SECONDS * 4)
-        self.store = _torchrun_store(size) if launched else dist.TCPStore("127.0.0.1", 0, size, True, timeout,
-                                                                          wait_for_workers=False)
+        self.store = _torchrun_store(size) if launched else dist.TCPStore(
+            "127.0.0.1", 0, size, True, _store_timeout(), wait_for_workers=False)
         one_machine = not launched or int(os.environ.get("LOCAL_WORLD_SIZE", 0)) == size
         use_shm = one_machine and engine_config.torch_device.type == "cpu" and shm.supported()
         self.shm = shm.SharedMemoryGroup(f"lmserve-tp-{os.getpid()}-{id(self)}", 0, size, True, TIMEOUT_SECONDS,
@@ -215,7 +219,7 @@ class TensorParallelRunner:
 def _spawned_worker(rank: int, size: int, port: int, *job) -> None:
     """A worker process this engine started: its store is rank 0's, its parent rank 0 (whose
     resource tracker it shares, and which unlinks the shared-memory segment)."""
-    store = dist.TCPStore("127.0.0.1", port, size, False, datetime.timedelta(seconds=TIMEOUT_SECONDS * 4))
+    store = dist.TCPStore("127.0.0.1", port, size, False, _store_timeout())
     parent = os.getppid()
     _run_worker(rank, size, store, lambda: os.getppid() == parent, False, *job)
 

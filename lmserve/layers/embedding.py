@@ -30,8 +30,8 @@ class _VocabMatrix(nn.Module):
     def __init__(self, vocab_size: int, vocab_parallel: bool = True):
         super().__init__()
         self.tp = parallel.current() if vocab_parallel else parallel.SINGLE
-        self.rows = self.tp.part(vocab_size)
-        parts = [parallel.TPGroup(rank, self.tp.size).part(vocab_size) for rank in range(self.tp.size)]
+        parts = self.tp.parts(vocab_size)
+        self.rows = parts[self.tp.rank]
         self.part_sizes = [part.stop - part.start for part in parts]
 
     def _pack(self, tensor: GroupQuantized) -> nn.Module:

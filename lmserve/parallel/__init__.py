@@ -32,16 +32,18 @@ class TPGroup:
     group: object | None = None  # the torch.distributed ProcessGroup of the ranks (size > 1)
     shm: object | None = None  # a shm.SharedMemoryGroup of the same ranks, when they share a machine
 
+    def parts(self, n: int, unit: int = 1) -> list[slice]:
+        """Every rank's share of `n` items, in whole `unit`s (single items where `unit` does not
+        divide `n`), the first ranks taking one unit more where they do not divide evenly."""
+        if n % unit:
+            unit = 1
+        base, extra = divmod(n // unit, self.size)
+        starts = [rank * base + min(rank, extra) for rank in range(self.size + 1)]
+        return [slice(starts[rank] * unit, starts[rank + 1] * unit) for rank in range(self.size)]
+
     def part(self, n: int, unit: int = 1) -> slice:
-        """This rank's share of `n` items, in whole `unit`s, the first ranks taking one unit more
-        where they do not divide evenly."""
-        if self.size == 1:
-            return slice(0, n)
-        units = n // unit if n % unit == 0 else n
-        unit = unit if n % unit == 0 else 1
-        base, extra = divmod(units, self.size)
-        start = self.rank * base + min(self.rank, extra)
-        return slice(start * unit, (start + base + (self.rank < extra)) * unit)
+        """This rank's share of `n` items (`parts`)."""
+        return self.parts(n, unit)[self.rank]
 
     def heads(self, num_heads: int, num_kv_heads: int) -> tuple[slice, slice]:
         """(query heads, KV heads) this rank holds."""
