@@ -4,10 +4,10 @@ Owns the model and its paged KV cache. `execute(SchedulerOutput)` first runs the
 copies and swaps, then flattens the scheduled tokens of all sequences into one unpadded batch,
 builds the attention metadata (slot mapping from the block tables, padded attention groups with
 context slots gathered through the block tables) and returns logits only for the positions that
-sample a new token. A step in which every sequence adds one token goes instead, where the model
-family has one, the model qualifies and no row runs a LoRA adapter, through a fused native
-decoder, whose metadata is just the tokens, positions and block tables; the engine passes the
-family's decoder factory in, so the runner knows no model family. With LoRA enabled, each step
+sample a new token. Where the model family describes a fused layout and the model qualifies,
+steps without LoRA rows go instead through the fused native decoder, whose metadata is just the
+tokens, their positions, which sequence each belongs to and the block tables; the engine passes
+the family's decoder factory in, so the runner knows no model family. With LoRA enabled, each step
 first tells the adapters' shared state which token rows run which adapter.
 """
 
@@ -52,7 +52,8 @@ class StepInputs:
     positions: torch.Tensor | None = None
     slot_mapping: torch.Tensor | None = None
     groups: list[AttentionGroup] = field(default_factory=list)
-    block_tables: torch.Tensor | None = None  # set on the fused decode path only
+    block_tables: torch.Tensor | None = None  # set on the fused path only, one row per sequence
+    seq_of_row: torch.Tensor | None = None  # fused path: each token's row in block_tables
     sample_index: torch.Tensor | None = None
     lora_spans: list[tuple[object, int]] = field(default_factory=list)  # (adapter or None, tokens) in row order
     logits_order: torch.Tensor | None = None
@@ -136,7 +137,7 @@ class ModelRunner:
             return inputs
         if self.lora is not None and any(r.seq.request.lora is not None for r in scheduled):
             return self._prepare_lora(scheduled, inputs)
-        if self.fused_decode is not None and all(r.num_tokens == 1 + r.num_spec_tokens for r in scheduled):
+        if self.fused_decode is not None:
             return self._prepare_fused(scheduled, inputs)
         return self._prepare_modules(scheduled, inputs)
 
@@ -147,8 +148,8 @@ class ModelRunner:
         if inputs.input_ids is None:
             return None
         if inputs.block_tables is not None:
-            hidden = self.fused_decode.forward(inputs.input_ids, inputs.positions, inputs.block_tables,
-                                               self.block_size)
+            hidden = self.fused_decode.forward(inputs.input_ids, inputs.positions, inputs.seq_of_row,
+                                               inputs.block_tables, self.block_size)
         else:
             if inputs.lora_spans:
                 self.lora.begin_step(inputs.lora_spans)
@@ -210,21 +211,23 @@ class ModelRunner:
         return inputs
 
     def _prepare_fused(self, scheduled: list[ScheduledSequence], inputs: StepInputs) -> StepInputs:
-        """A step that adds one token per sequence (plus its proposals, if any), through the
-        fused native decoder: its metadata is only the tokens, their positions and the block
-        tables. A sequence verifying k proposals takes 1 + k rows with the same block table and
-        consecutive positions: each layer stores every row's K/V before any row attends, so a
-        row sees the rows before it."""
-        tokens, positions, seqs, sample_rows = [], [], [], []
-        for r in scheduled:
+        """A step through the fused native decoder: its metadata is only the tokens, their
+        positions, which sequence each belongs to and the sequences' block tables. A sequence's
+        new tokens (a prompt chunk, or one token plus k proposals to verify) are consecutive rows
+        at consecutive positions: each layer stores every row's K/V before any row attends, and a
+        row attends its sequence's positions up to its own."""
+        tokens, positions, seq_of_row, sample_rows = [], [], [], []
+        for i, r in enumerate(scheduled):
             seq, c = r.seq, r.seq.num_computed_tokens
             known = seq.token_ids + seq.spec_token_ids if r.num_spec_tokens else seq.token_ids
             tokens.extend(known[c: c + r.num_tokens])
             positions.extend(range(c, c + r.num_tokens))
-            seqs.extend([seq] * r.num_tokens)
+            seq_of_row.extend([i] * r.num_tokens)
             sample_rows.extend(range(len(tokens) - r.num_logits, len(tokens)))
+        seqs = [r.seq for r in scheduled]
         inputs.input_ids = torch.tensor(tokens)
         inputs.positions = torch.tensor(positions)
+        inputs.seq_of_row = torch.tensor(seq_of_row)
         inputs.block_tables = _block_tables(seqs, max(len(s.block_table) for s in seqs))
         if len(sample_rows) != len(tokens):
             inputs.sample_index = torch.tensor(sample_rows, dtype=torch.long)

@@ -7,14 +7,14 @@ from torch import nn
 from lmserve.errors import InvalidParameterError
 
 
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
 ACTIVATIONS = {
     "silu": F.silu, "swish": F.silu,
     "gelu": F.gelu,
-    "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh,  # GPT-2 and Gemma: tanh approximation
+    "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh,  # GPT-2 and Gemma: tanh approximation
     "relu": F.relu,
 }
 

@@ -23,6 +23,7 @@ from lmserve.layers.embedding import LMHead, VocabEmbedding
 from lmserve.layers.norm import RMSNorm
 from lmserve.layers.rotary import RotaryEmbedding
 from lmserve.loader.hf_config import rope_settings
+from lmserve.models.fused_decoder import FusedLayer, FusedModel, build_fused_decoder
 from lmserve.models.llama import GGUF_TENSOR_NAMES, LlamaAttention, LlamaForCausalLM, LlamaMLP
 from lmserve.models.registry import ModelFamily
 
@@ -124,6 +125,17 @@ class Gemma3ForCausalLM(nn.Module):
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
+    def fused_model(self) -> FusedModel:
+        """The layout the native decoder runs (lmserve/models/fused_decoder.py)."""
+        layers = [FusedLayer(layer.input_layernorm, attn.qkv_proj, attn.attn,
+                             self.local_rotary if attn.is_sliding else self.global_rotary, attn.o_proj,
+                             layer.pre_feedforward_layernorm, layer.mlp.gate_up_proj, layer.mlp.act,
+                             layer.mlp.down_proj, q_norm=attn.q_norm, k_norm=attn.k_norm,
+                             post_attention_norm=layer.post_attention_layernorm,
+                             post_ffn_norm=layer.post_feedforward_layernorm)
+                  for layer in self.model.layers for attn in (layer.self_attn,)]
+        return FusedModel(self.model.embed_tokens, layers, self.model.norm, embed_scale=self.embed_scale)
+
 
 def _config_from_hf(cfg: dict) -> dict:
     """Gemma 3's per-layer attention pattern, two RoPE configurations and norm form."""
@@ -171,4 +183,4 @@ FAMILIES = [ModelFamily(
     gguf_tensor_names=dataclasses.replace(GGUF_TENSOR_NAMES, layer_names={
         **GGUF_TENSOR_NAMES.layer_names, "ffn_norm": "pre_feedforward_layernorm",
         "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}),
-    chat_template=GEMMA_CHAT_TEMPLATE)]
+    chat_template=GEMMA_CHAT_TEMPLATE, fused_decoder=build_fused_decoder)]

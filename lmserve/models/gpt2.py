@@ -21,6 +21,7 @@ from lmserve.layers.attention import AttentionMetadata, PagedAttention
 from lmserve.layers.embedding import LearnedPositionEmbedding, LMHead, VocabEmbedding
 from lmserve.layers.linear import Linear, MergedLinear
 from lmserve.layers.norm import LayerNorm
+from lmserve.models.fused_decoder import FusedLayer, FusedModel, build_fused_decoder
 from lmserve.models.registry import GgufTensorNames, ModelFamily
 
 
@@ -132,6 +133,14 @@ class GPT2LMHeadModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    def fused_model(self) -> FusedModel:
+        """The layout the native decoder runs (lmserve/models/fused_decoder.py): no rotary, learned
+        positions, LayerNorms, biased projections, a plain GELU MLP."""
+        t = self.transformer
+        layers = [FusedLayer(block.ln_1, block.attn.c_attn, block.attn.attn, None, block.attn.c_proj, block.ln_2,
+                             block.mlp.c_fc, block.mlp.act, block.mlp.c_proj) for block in t.h]
+        return FusedModel(t.wte, layers, t.ln_f, positions=t.wpe)
+
 
 def _common_keys(cfg: dict) -> dict:
     """GPT-2's config names its hyper-parameters differently; rename them to the common keys."""
@@ -150,6 +159,7 @@ _BIASED = dict(qkv_bias=True, o_bias=True, mlp_bias=True)
 
 FAMILIES = [ModelFamily(
     "gpt2", GPT2LMHeadModel, hf_architectures=("GPT2LMHeadModel",), hf_model_types=("gpt2",), tensor_parallel=True,
+    fused_decoder=build_fused_decoder,
     hf_common_keys=_common_keys,
     config_from_hf=lambda cfg: dict(hidden_act=cfg.get("activation_function") or "gelu_new", conv1d_weights=True,
                                     **_BIASED),

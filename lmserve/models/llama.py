@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lmserve import parallel
-from lmserve.config import EngineConfig, ModelConfig
+from lmserve.config import ModelConfig
 from lmserve.errors import InvalidParameterError
 from lmserve.layers.activation import SiluAndMul
 from lmserve.layers.attention import AttentionMetadata, PagedAttention
@@ -20,6 +20,7 @@ from lmserve.layers.embedding import LMHead, VocabEmbedding
 from lmserve.layers.linear import Linear, MergedLinear
 from lmserve.layers.norm import RMSNorm
 from lmserve.layers.rotary import RotaryEmbedding
+from lmserve.models.fused_decoder import FusedLayer, FusedModel, NotFusable, build_fused_decoder
 from lmserve.models.registry import GgufTensorNames, ModelFamily
 
 
@@ -135,6 +136,19 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    def fused_model(self) -> FusedModel:
+        """The layout the native decoder runs (lmserve/models/fused_decoder.py)."""
+        layers = []
+        for i, layer in enumerate(self.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            if not isinstance(mlp, LlamaMLP):
+                raise NotFusable(f"layer {i}'s feed-forward block is a {type(mlp).__name__}")
+            layers.append(FusedLayer(layer.input_layernorm, attn.qkv_proj, attn.attn, self.rotary, attn.o_proj,
+                                     layer.post_attention_layernorm, mlp.gate_up_proj, mlp.act, mlp.down_proj,
+                                     q_norm=attn.q_norm if attn.qk_norm else None,
+                                     k_norm=attn.k_norm if attn.qk_norm else None))
+        return FusedModel(self.model.embed_tokens, layers, self.model.norm)
+
 
 # llama.cpp's names for the Llama layout, with its mixture-of-experts tensors: router, experts
 # stacked [E, ...], shared expert and its gate.
@@ -148,13 +162,6 @@ GGUF_TENSOR_NAMES = GgufTensorNames("model.layers", layer_names={
     "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }, global_names={"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"})
-
-
-def _fused_decoder(model: nn.Module, engine_config: EngineConfig):
-    """`llama_fused.build_fused_decoder`, imported when called: that module builds on this one."""
-    from lmserve.models.llama_fused import build_fused_decoder
-
-    return build_fused_decoder(model, engine_config)
 
 
 def attention_bias(cfg: dict) -> dict:
@@ -185,7 +192,7 @@ def llama_family(architecture: str, hf_architecture: str, gguf_architecture: str
     fused native decode step unless `fields` say otherwise."""
     return ModelFamily(architecture, model_class, hf_architectures=(hf_architecture,),
                        gguf_architectures=(gguf_architecture,) if gguf_architecture else (),
-                       **{"gguf_tensor_names": GGUF_TENSOR_NAMES, "fused_decoder": _fused_decoder,
+                       **{"gguf_tensor_names": GGUF_TENSOR_NAMES, "fused_decoder": build_fused_decoder,
                           "tensor_parallel": True, **fields})
 
 

@@ -53,7 +53,7 @@ TARGET_ISA: str | None = None  # the instruction sets of the kernel variant load
 # Baseline x86-64: each variant's instruction sets come from `#pragma GCC target` in its own file.
 _CFLAGS = ["-O3", "-std=c++20", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
-KERNELS = ("block matmul and dequantize (4-bit and int8 groups)", "fused Llama decode step",
+KERNELS = ("block matmul and dequantize (4-bit and int8 groups)", "fused decoder step",
            "sampler row argmax / log-sum-exp")
 BUILD_NAME = "lmserve_block_matmul"  # each build is BUILD_NAME_<key>, in a directory of that name
 TORCH_LOCK = "lock"  # the file PyTorch's builder holds for the length of a build
@@ -202,7 +202,7 @@ def isa_variants() -> list[tuple[str, str, bool]]:
 
 @cache
 def load():
-    """The compiled module (`block_matmul`, `block_dequantize`, `LlamaDecoder`,
+    """The compiled module (`block_matmul`, `block_dequantize`, `FusedDecoder`,
     `argmax_logsumexp`, and `isa_variants` / `use_isa` / `isa` for the kernel variant), or None.
     The Makefile's install step calls this once so the compile happens at set-up rather than in a
     first request."""

@@ -1,5 +1,5 @@
 // Shared declarations of the CPU fast path's native code: the block-quantized matmul
-// (block_matmul.cpp), the fused Llama decode step built on it (llama_decode.cpp) and the
+// (block_matmul.cpp), the fused decoder step built on it (fused_decoder.cpp) and the
 // sampler's per-row statistics (row_stats.cpp).
 //
 // Runtime ISA dispatch. The vector kernels are written once, in isa_kernels.h, against a small
@@ -74,6 +74,20 @@ void parallel_chunks(int64_t count, int64_t chunk, const F& f) {
 BlockMatrix block_matrix(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& bias, int64_t group,
                          int64_t bits, int64_t rows);
 
+// How a layer's KV cache stores its values: fp32, bf16 or fp16 as they are, or int8 with one fp32
+// scale per token and KV head (value = int8 * scale), as lmserve/layers/attention.py writes them.
+enum class KvType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kI8 = 3 };
+
+// One KV head's keys or values in a cache laid out [slots, kv_heads, head_dim]: `data` points at
+// slot 0's values of this head (elements of `type`), `row` elements apart from slot to slot;
+// `scales` (int8 only) at slot 0's scale of this head, `scale_row` floats apart.
+struct KvHead {
+  const void* data;
+  const float* scales;
+  int64_t row, scale_row;
+  KvType type;
+};
+
 // One instruction set's kernels (isa_kernels.h). Every output row depends only on its own input
 // row, so results do not change with the batch around a row.
 struct IsaKernels {
@@ -86,11 +100,12 @@ struct IsaKernels {
   void (*rms_norm)(const float* x, const float* w, int64_t n, float eps, float* y);
   // out = silu(gate) * up over n values.
   void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
+  // out = gelu_tanh(gate) * up over n values (GeGLU), or gelu_tanh(gate) when up is null.
+  void (*gelu_tanh_mul)(const float* gate, const float* up, int64_t n, float* out);
   // Softmax attention of one query head q [dim] over the cached keys and values at
-  // slots[first..n) (rows of `row` floats; k and v point at this head's kv-head columns), into
-  // out [dim]; `scores` holds n floats of scratch.
-  void (*attend)(const float* q, const float* k, const float* v, const int64_t* slots, int64_t first, int64_t n,
-                 int64_t row, int64_t dim, float scale, float* scores, float* out);
+  // slots[first..n), into out [dim]; `scores` holds n floats of scratch.
+  void (*attend)(const float* q, const KvHead& k, const KvHead& v, const int64_t* slots, int64_t first, int64_t n,
+                 int64_t dim, float scale, float* scores, float* out);
   // (first index of the largest value, log-sum-exp) of a row of n finite values.
   std::pair<int64_t, float> (*argmax_logsumexp)(const float* x, int64_t n);
 };

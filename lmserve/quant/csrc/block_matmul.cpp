@@ -97,12 +97,12 @@ torch::Tensor block_gather_rows(torch::Tensor q, torch::Tensor scale, torch::Ten
 }  // namespace
 
 namespace lmserve {
-void bind_llama_decode(pybind11::module& m);  // llama_decode.cpp
+void bind_fused_decoder(pybind11::module& m);  // fused_decoder.cpp
 void bind_row_stats(pybind11::module& m);     // row_stats.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  lmserve::bind_llama_decode(m);
+  lmserve::bind_fused_decoder(m);
   lmserve::bind_row_stats(m);
   // Both release the GIL (as PyTorch's own ops do), so a server's event loop runs meanwhile.
   m.def("block_matmul", &block_matmul, "x @ W^T for a block-quantized W (fp32 activations)",

@@ -199,6 +199,25 @@ void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
   for (; i < n; ++i) out[i] = gate[i] / (1.0f + exp1(-gate[i])) * up[i];
 }
 
+// gelu_tanh(x) = x / (1 + e^(-2u)), u = sqrt(2/pi) * (x + 0.044715 x^3): the tanh form of
+// F.gelu(approximate="tanh"), since 0.5 * (1 + tanh(u)) = 1 / (1 + e^(-2u)).
+void gelu_tanh_mul(const float* gate, const float* up, int64_t n, float* out) {
+  constexpr float kTwoSqrt2OverPi = 1.5957691216057308f, kCubic = 0.044715f;
+  const F one = V::set1(1.0f);
+  int64_t i = 0;
+  for (; i + V::kFloats <= n; i += V::kFloats) {
+    const F x = V::load(gate + i);
+    const F u2 = V::mul(V::set1(kTwoSqrt2OverPi), V::fmadd(V::mul(V::set1(kCubic), x), V::mul(x, x), x));
+    F y = V::div(x, V::add(one, exp_v(V::neg(u2))));
+    if (up != nullptr) y = V::mul(y, V::load(up + i));
+    V::store(out + i, y);
+  }
+  for (; i < n; ++i) {
+    const float x = gate[i], u2 = kTwoSqrt2OverPi * (x + kCubic * x * x * x);
+    out[i] = x / (1.0f + exp1(-u2)) * (up != nullptr ? up[i] : 1.0f);
+  }
+}
+
 // softmax weights exp(scores[i] - max) in place over [first, n); returns their sum.
 float exponentiate(float* scores, int64_t first, int64_t n, float max_score) {
   const F shift = V::set1(max_score);
@@ -214,83 +233,152 @@ float exponentiate(float* scores, int64_t first, int64_t n, float max_score) {
   return total;
 }
 
+// The storage of one cached value of each KvType, and its loads as fp32 (a register's worth, or
+// one value). An int8 value is loaded unscaled: the caller applies its token's scale once per dot
+// product or weight.
+template <KvType T> struct KvElement { using type = float; };
+template <> struct KvElement<KvType::kBF16> { using type = uint16_t; };
+template <> struct KvElement<KvType::kF16> { using type = uint16_t; };
+template <> struct KvElement<KvType::kI8> { using type = int8_t; };
+
+template <KvType T>
+inline F load_kv(const typename KvElement<T>::type* p) {
+  if constexpr (T == KvType::kF32) return V::load(p);
+  else if constexpr (T == KvType::kBF16) return V::load_bf16(p);
+  else if constexpr (T == KvType::kF16) return V::load_f16(p);
+  else return V::load_i8(p);
+}
+
+template <KvType T>
+inline float kv_value(const typename KvElement<T>::type* p) {
+  if constexpr (T == KvType::kBF16) {
+    const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+    float x;
+    std::memcpy(&x, &bits, sizeof(x));
+    return x;
+  } else if constexpr (T == KvType::kF16) {
+    return _cvtsh_ss(*p);
+  } else {
+    return static_cast<float>(*p);
+  }
+}
+
+// One KV head's cached rows as typed pointers: row(slot) is that slot's values, scale(slot) its
+// int8 scale (1 for the other types, which need none).
+template <KvType T>
+struct KvRows {
+  using E = typename KvElement<T>::type;
+  const E* data;
+  const float* scales;
+  int64_t stride, scale_stride;
+
+  explicit KvRows(const KvHead& h)
+      : data(static_cast<const E*>(h.data)), scales(h.scales), stride(h.row), scale_stride(h.scale_row) {}
+  const E* row(int64_t slot) const { return data + slot * stride; }
+  float scale(int64_t slot) const {
+    if constexpr (T == KvType::kI8) return scales[slot * scale_stride];
+    else return 1.0f;
+  }
+};
+
 // Requests the cache lines of one head's cached row: slots scatter rows over the cache, so the
 // hardware prefetcher does not see them coming and each row would otherwise stall on memory.
-template <int D, _mm_hint HINT = _MM_HINT_T0>
-inline void prefetch_row(const float* row) {
-  for (int i = 0; i < D; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), HINT);
+template <int BYTES, _mm_hint HINT = _MM_HINT_T0>
+inline void prefetch_row(const void* row) {
+  for (int i = 0; i < BYTES; i += 64) _mm_prefetch(static_cast<const char*>(row) + i, HINT);
 }
 
 constexpr int64_t kPrefetchKeys = 16;  // how many positions ahead rows are requested
 
 // Attention of one head for a head_dim the registers divide: four keys at a time so their dot
 // products are independent FMA chains; the output stays in registers across positions.
-template <int D>
-void attend_head(const float* q, const float* k, const float* v, const int64_t* slots, int64_t first, int64_t n,
-                 int64_t row, float scale, float* scores, float* out) {
+template <int D, KvType T>
+void attend_head(const float* q, const KvRows<T>& k, const KvRows<T>& v, const int64_t* slots, int64_t first,
+                 int64_t n, float scale, float* scores, float* out) {
   static_assert(D % V::kFloats == 0 && D > 0, "head_dim must be a multiple of the register width");
   constexpr int C = D / V::kFloats;
+  constexpr int kRowBytes = D * sizeof(typename KvRows<T>::E);
+  using E = typename KvRows<T>::E;
   F qv[C];
   for (int c = 0; c < C; ++c) qv[c] = V::load(q + V::kFloats * c);
   float max_score = -std::numeric_limits<float>::infinity();
   int64_t p = first;
   for (; p + 4 <= n; p += 4) {
-    const float* key[4];
+    const E* key[4];
     F acc[4];
     for (int j = 0; j < 4; ++j) {
       if (p + j + kPrefetchKeys < n) {
-        prefetch_row<D>(k + slots[p + j + kPrefetchKeys] * row);
-        prefetch_row<D, _MM_HINT_T1>(v + slots[p + j + kPrefetchKeys] * row);  // for the weighted sum
+        prefetch_row<kRowBytes>(k.row(slots[p + j + kPrefetchKeys]));
+        prefetch_row<kRowBytes, _MM_HINT_T1>(v.row(slots[p + j + kPrefetchKeys]));  // for the weighted sum
       }
-      key[j] = k + slots[p + j] * row;
-      acc[j] = V::mul(qv[0], V::load(key[j]));
+      key[j] = k.row(slots[p + j]);
+      acc[j] = V::mul(qv[0], load_kv<T>(key[j]));
     }
     for (int c = 1; c < C; ++c)
-      for (int j = 0; j < 4; ++j) acc[j] = V::fmadd(qv[c], V::load(key[j] + V::kFloats * c), acc[j]);
-    for (int j = 0; j < 4; ++j) max_score = std::max(max_score, scores[p + j] = V::hsum(acc[j]) * scale);
+      for (int j = 0; j < 4; ++j) acc[j] = V::fmadd(qv[c], load_kv<T>(key[j] + V::kFloats * c), acc[j]);
+    for (int j = 0; j < 4; ++j)
+      max_score = std::max(max_score, scores[p + j] = V::hsum(acc[j]) * k.scale(slots[p + j]) * scale);
   }
   for (; p < n; ++p) {
-    const float* key = k + slots[p] * row;
-    F acc = V::mul(qv[0], V::load(key));
-    for (int c = 1; c < C; ++c) acc = V::fmadd(qv[c], V::load(key + V::kFloats * c), acc);
-    max_score = std::max(max_score, scores[p] = V::hsum(acc) * scale);
+    const E* key = k.row(slots[p]);
+    F acc = V::mul(qv[0], load_kv<T>(key));
+    for (int c = 1; c < C; ++c) acc = V::fmadd(qv[c], load_kv<T>(key + V::kFloats * c), acc);
+    max_score = std::max(max_score, scores[p] = V::hsum(acc) * k.scale(slots[p]) * scale);
   }
   const F inv_total = V::set1(1.0f / exponentiate(scores, first, n, max_score));
   F o[C];
   for (int c = 0; c < C; ++c) o[c] = V::zero();
-  for (p = first; p < std::min(n, first + kPrefetchKeys); ++p) prefetch_row<D>(v + slots[p] * row);
+  for (p = first; p < std::min(n, first + kPrefetchKeys); ++p) prefetch_row<kRowBytes>(v.row(slots[p]));
   for (p = first; p < n; ++p) {
-    if (p + kPrefetchKeys < n) prefetch_row<D>(v + slots[p + kPrefetchKeys] * row);
-    const float* value = v + slots[p] * row;
-    const F w = V::set1(scores[p]);
-    for (int c = 0; c < C; ++c) o[c] = V::fmadd(w, V::load(value + V::kFloats * c), o[c]);
+    if (p + kPrefetchKeys < n) prefetch_row<kRowBytes>(v.row(slots[p + kPrefetchKeys]));
+    const E* value = v.row(slots[p]);
+    const F w = V::set1(scores[p] * v.scale(slots[p]));
+    for (int c = 0; c < C; ++c) o[c] = V::fmadd(w, load_kv<T>(value + V::kFloats * c), o[c]);
   }
   for (int c = 0; c < C; ++c) V::store(out + V::kFloats * c, V::mul(o[c], inv_total));
 }
 
 // The same for any head_dim, plainly.
-void attend_head_any(const float* q, const float* k, const float* v, const int64_t* slots, int64_t first, int64_t n,
-                     int64_t row, int64_t dim, float scale, float* scores, float* out) {
+template <KvType T>
+void attend_head_any(const float* q, const KvRows<T>& k, const KvRows<T>& v, const int64_t* slots, int64_t first,
+                     int64_t n, int64_t dim, float scale, float* scores, float* out) {
   float max_score = -std::numeric_limits<float>::infinity();
-  for (int64_t p = first; p < n; ++p) max_score = std::max(max_score, scores[p] = dot_f32(q, k + slots[p] * row, dim) * scale);
+  for (int64_t p = first; p < n; ++p) {
+    const auto* key = k.row(slots[p]);
+    float dot = 0.0f;
+    for (int64_t d = 0; d < dim; ++d) dot += q[d] * kv_value<T>(key + d);
+    max_score = std::max(max_score, scores[p] = dot * k.scale(slots[p]) * scale);
+  }
   const float total = exponentiate(scores, first, n, max_score);
   std::fill_n(out, dim, 0.0f);
   for (int64_t p = first; p < n; ++p) {
-    const float* value = v + slots[p] * row;
-    const float w = scores[p] / total;
-    for (int64_t d = 0; d < dim; ++d) out[d] += w * value[d];
+    const auto* value = v.row(slots[p]);
+    const float w = scores[p] * v.scale(slots[p]) / total;
+    for (int64_t d = 0; d < dim; ++d) out[d] += w * kv_value<T>(value + d);
   }
 }
 
-void attend(const float* q, const float* k, const float* v, const int64_t* slots, int64_t first, int64_t n,
-            int64_t row, int64_t dim, float scale, float* scores, float* out) {
+template <KvType T>
+void attend_typed(const float* q, const KvHead& kh, const KvHead& vh, const int64_t* slots, int64_t first, int64_t n,
+                  int64_t dim, float scale, float* scores, float* out) {
+  const KvRows<T> k(kh), v(vh);
   switch (dim) {
-    case 16: attend_head<16>(q, k, v, slots, first, n, row, scale, scores, out); break;
-    case 32: attend_head<32>(q, k, v, slots, first, n, row, scale, scores, out); break;
-    case 64: attend_head<64>(q, k, v, slots, first, n, row, scale, scores, out); break;
-    case 128: attend_head<128>(q, k, v, slots, first, n, row, scale, scores, out); break;
-    case 256: attend_head<256>(q, k, v, slots, first, n, row, scale, scores, out); break;
-    default: attend_head_any(q, k, v, slots, first, n, row, dim, scale, scores, out);
+    case 16: attend_head<16, T>(q, k, v, slots, first, n, scale, scores, out); break;
+    case 32: attend_head<32, T>(q, k, v, slots, first, n, scale, scores, out); break;
+    case 64: attend_head<64, T>(q, k, v, slots, first, n, scale, scores, out); break;
+    case 128: attend_head<128, T>(q, k, v, slots, first, n, scale, scores, out); break;
+    case 256: attend_head<256, T>(q, k, v, slots, first, n, scale, scores, out); break;
+    default: attend_head_any<T>(q, k, v, slots, first, n, dim, scale, scores, out);
+  }
+}
+
+void attend(const float* q, const KvHead& k, const KvHead& v, const int64_t* slots, int64_t first, int64_t n,
+            int64_t dim, float scale, float* scores, float* out) {
+  switch (k.type) {
+    case KvType::kF32: attend_typed<KvType::kF32>(q, k, v, slots, first, n, dim, scale, scores, out); break;
+    case KvType::kBF16: attend_typed<KvType::kBF16>(q, k, v, slots, first, n, dim, scale, scores, out); break;
+    case KvType::kF16: attend_typed<KvType::kF16>(q, k, v, slots, first, n, dim, scale, scores, out); break;
+    case KvType::kI8: attend_typed<KvType::kI8>(q, k, v, slots, first, n, dim, scale, scores, out); break;
   }
 }
 
@@ -314,5 +402,5 @@ std::pair<int64_t, float> argmax_logsumexp(const float* x, int64_t n) {
 
 }  // namespace
 
-const IsaKernels kernels = {V::kName,  V::kLabel, &V::runs_here, &matmul, &rms_norm,
-                            &silu_mul, &attend,   &argmax_logsumexp};
+const IsaKernels kernels = {V::kName, V::kLabel,      &V::runs_here, &matmul,
+                            &rms_norm, &silu_mul, &gelu_tanh_mul, &attend, &argmax_logsumexp};

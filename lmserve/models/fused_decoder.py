@@ -1,0 +1,179 @@
+"""Whole forward steps in one native call (the CPU fast path), for every family that describes itself.
+
+A model class that can run fused has a `fused_model()` method returning a `FusedModel`: which of
+its modules are the token table, the final norm and, per layer, the norms, projections, MLP
+activation, rotary table and attention (so Llama, Gemma 3 and GPT-2 describe their own layouts,
+and the C++ decoder in `lmserve/quant/csrc/fused_decoder.cpp` runs one layer loop for all).
+`build_fused_decoder` hands those weights, norms, rotary tables and KV caches to the decoder once;
+the model runner then sends steps through it instead of the PyTorch modules. It applies only
+where the two paths compute the same thing: every linear layer held by our block kernel, fp32
+activations on the CPU, a KV cache the native attention reads (fp32, bf16, fp16, int8), not in
+deterministic mode (whose contract is that a token's result does not depend on the step it
+lands in) and not split for tensor parallelism. When it does not apply, the reason is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmserve.config import EngineConfig
+from lmserve.layers.activation import Activation, GatedActivation, gelu_tanh
+from lmserve.layers.attention import PagedAttention
+from lmserve.layers.embedding import VocabEmbedding
+from lmserve.layers.linear import Linear
+from lmserve.layers.norm import LayerNorm, RMSNorm
+from lmserve.layers.rotary import RotaryEmbedding
+from lmserve.quant import native
+from lmserve.quant.packed import BlockWeight
+
+logger = logging.getLogger("lmserve")
+
+_NATIVE_KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
+
+
+@dataclass
+class FusedLayer:
+    """One decoder layer as the native loop runs it: h += [post_attention_norm](o(attn(qkv(
+    input_norm(h))))); h += [post_ffn_norm](down(act(up(pre_ffn_norm(h)))))."""
+
+    input_norm: nn.Module
+    qkv: Linear  # q | k | v heads
+    attention: PagedAttention
+    rotary: RotaryEmbedding | None
+    o: Linear
+    pre_ffn_norm: nn.Module
+    up: Linear  # gate | up for gated activations
+    activation: nn.Module
+    down: Linear
+    q_norm: RMSNorm | None = None
+    k_norm: RMSNorm | None = None
+    post_attention_norm: nn.Module | None = None
+    post_ffn_norm: nn.Module | None = None
+
+
+@dataclass
+class FusedModel:
+    embed: VocabEmbedding
+    layers: list[FusedLayer]
+    final_norm: nn.Module
+    embed_scale: float = 1.0
+    positions: VocabEmbedding | None = None  # learned absolute positions (GPT-2)
+
+
+class NotFusable(Exception):
+    """Raised by a model's `fused_model()` for a layout the native decoder does not run."""
+
+
+def _norm(norm: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+    if isinstance(norm, LayerNorm):
+        return "layer", norm.weight.data.float(), norm.bias.data.float()
+    return "rms", _rms_weight(norm), None
+
+
+def _rms_weight(norm: RMSNorm) -> torch.Tensor:
+    """The factor the norm applies after normalising: Gemma's (offset + weight) is formed once
+    here, in fp32 as the module does."""
+    weight = norm.weight.data.float()
+    return weight if norm.weight_offset is None else norm.weight_offset + weight
+
+
+def _linear(linear: Linear) -> tuple:
+    packed = linear.packed
+    bias = linear.bias.data.float() if linear.bias is not None else None
+    return packed.q, packed.scale, packed.bias, bias, packed.group, packed.bits, packed.out_features
+
+
+def activation_name(act: nn.Module) -> str | None:
+    """The native decoder's name for an MLP activation module, or None when it has none."""
+    if isinstance(act, GatedActivation):
+        return {torch.nn.functional.silu: "silu_gated", gelu_tanh: "gelu_tanh_gated"}.get(act.fn)
+    if isinstance(act, Activation):
+        return "gelu_tanh" if act.fn is gelu_tanh else None
+    return None
+
+
+def _unsupported(model: nn.Module, engine_config: EngineConfig) -> str | None:
+    """Why the fused decoder cannot run this model, or None when it can."""
+    if not hasattr(model, "fused_model"):
+        return f"{type(model).__name__} has no fused layout"
+    if engine_config.torch_device.type != "cpu" or engine_config.torch_dtype != torch.float32:
+        return "it runs fp32 on the CPU only"
+    if engine_config.kv_torch_dtype not in _NATIVE_KV_DTYPES:
+        return f"the native attention does not read a {engine_config.kv_cache_dtype} KV cache"
+    if engine_config.enforce_eager:
+        return "enforce_eager"
+    if engine_config.deterministic:
+        return "deterministic mode"
+    return None
+
+
+def _unsupported_layout(fused: FusedModel) -> str | None:
+    if fused.embed.tp.size > 1:
+        return "the model is split for tensor parallelism (the fused decoder runs whole models)"
+    linears = [m for layer in fused.layers for m in (layer.qkv, layer.o, layer.up, layer.down)]
+    if not all(isinstance(m.packed, BlockWeight) for m in linears):
+        return "not every linear layer is block-quantized"
+    if fused.embed.packed is not None and not isinstance(fused.embed.packed, BlockWeight):
+        return "the token table is not block-quantized"
+    names = {activation_name(layer.activation) for layer in fused.layers}
+    if None in names:
+        return "an MLP activation has no native form"
+    return None
+
+
+def build_fused_decoder(model: nn.Module, engine_config: EngineConfig):
+    """The native decoder over the model's weights and bound KV caches, or None (with the reason
+    logged) when the model or configuration needs the PyTorch path. Its `forward(token_ids,
+    positions, seq_of_row, block_tables, block_size)` returns the final-normed hidden states
+    [rows, hidden] of the step's new tokens."""
+    ext = native.load()
+    reason = "the native extension is unavailable" if ext is None else _unsupported(model, engine_config)
+    fused = None
+    if reason is None:
+        try:
+            fused = model.fused_model()
+        except NotFusable as exc:
+            reason = str(exc)
+        else:
+            reason = _unsupported_layout(fused)
+    if reason is not None:
+        logger.info("steps run through PyTorch modules (fused decoder off: %s)", reason)
+        return None
+    cfg = model.config
+    first = fused.layers[0]
+    description = dict(heads=first.attention.num_heads, kv_heads=first.attention.num_kv_heads,
+                       head_dim=first.attention.head_dim, eps=cfg.rms_norm_eps,
+                       embed_scale=float(torch.tensor(fused.embed_scale, dtype=torch.float32)),
+                       final_norm=_norm(fused.final_norm), kernel_max_rows=first.qkv.packed.kernel_max_rows,
+                       gemm_bf16=first.qkv.packed.gemm_dtype == torch.bfloat16)
+    table = fused.embed.packed
+    if table is not None:
+        description["embed_packed"] = (table.q, table.scale, table.bias, table.group, table.bits, table.out_features)
+    else:
+        description["embed"] = fused.embed.weight.data.float()
+    if fused.positions is not None:
+        positions = fused.positions
+        description["position_table"] = (positions.packed.dequantize() if positions.packed is not None
+                                         else positions.weight.data.float())
+    decoder = ext.FusedDecoder(description)
+    for layer in fused.layers:
+        attn = layer.attention
+        decoder.add_layer(dict(
+            input_norm=_norm(layer.input_norm), pre_ffn_norm=_norm(layer.pre_ffn_norm),
+            post_attention_norm=_norm(layer.post_attention_norm) if layer.post_attention_norm else None,
+            post_ffn_norm=_norm(layer.post_ffn_norm) if layer.post_ffn_norm else None,
+            q_norm=_rms_weight(layer.q_norm) if layer.q_norm is not None else None,
+            k_norm=_rms_weight(layer.k_norm) if layer.k_norm is not None else None,
+            qkv=_linear(layer.qkv), o=_linear(layer.o), up=_linear(layer.up), down=_linear(layer.down),
+            activation=activation_name(layer.activation),
+            cos=layer.rotary.cos_cache.float() if layer.rotary is not None else None,
+            sin=layer.rotary.sin_cache.float() if layer.rotary is not None else None,
+            attn_scale=attn.scale, window=attn.sliding_window or 0,
+            kv_cache=attn.kv_cache, kv_scales=attn.kv_scales))
+    logger.info("steps run fused in native code (%d layers, %s KV cache)", len(fused.layers),
+                engine_config.kv_cache_dtype)
+    return decoder
