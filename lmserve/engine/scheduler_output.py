@@ -37,13 +37,18 @@ class ScheduledSequence:
     # True when this step reaches the sequence's last known token (and proposals), so a new token
     # is sampled; fixed when the step is scheduled
     samples: bool = field(init=False)
+    # Scoring asks for the logits of every scheduled position, not only of the sampling ones.
+    all_logits: bool = False
 
     def __post_init__(self):
         self.samples = self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens + self.num_spec_tokens
 
     @property
     def num_logits(self) -> int:
-        """Logits rows this sequence gets: one per proposal plus one, when it samples."""
+        """Logits rows this sequence gets: one per proposal plus one, when it samples (every
+        position's, for scoring)."""
+        if self.all_logits:
+            return self.num_tokens
         return 1 + self.num_spec_tokens if self.samples else 0
 
 

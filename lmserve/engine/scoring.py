@@ -3,8 +3,7 @@ reports (`lmserve perplexity`, `lmserve.quality`).
 
 The tokens are prefilled as one temporary sequence in chunks of at most `chunk` tokens through
 the same runner as generation; its KV blocks are freed afterwards and never enter the prefix
-cache. The runner returns logits of sampling positions only, so the final hidden states of every
-position are taken from the model's output instead."""
+cache. Each chunk asks the runner for every position's logits."""
 
 from __future__ import annotations
 
@@ -24,15 +23,12 @@ def score_sequence(seq: Sequence, block_manager: BlockManager, runner: ModelRunn
     if not block_manager.allocate(seq, n):
         raise InvalidParameterError("token_ids", f"{n} tokens need {block_manager.blocks_for(n)} KV "
                                                  f"blocks but only {block_manager.num_free_blocks} are free")
-    model = runner.model
-    hidden: list[torch.Tensor] = []
-    hook = model.register_forward_hook(lambda module, args, output: hidden.append(output))
+    logits: list[torch.Tensor] = []
     try:
         while seq.num_computed_tokens < n:
             size = min(chunk, n - seq.num_computed_tokens)
-            runner.execute(SchedulerOutput([ScheduledSequence(seq, size)]))
+            logits.append(runner.execute(SchedulerOutput([ScheduledSequence(seq, size, all_logits=True)])))
             seq.num_computed_tokens += size
-        return torch.cat([model.compute_logits(h) for h in hidden]).float()
+        return torch.cat(logits).float()
     finally:
-        hook.remove()
         block_manager.free(seq)
