@@ -3,7 +3,7 @@
 Every figure comes from a fresh process (the file in the page cache, the native kernels already
 built), run --repeat times; the best and the median are printed:
 
-- `lmserve --help`: the command line without PyTorch;
+- `lmserve --help` and `lmserve info`: the command line without PyTorch;
 - `import torch`: the floor every start pays;
 - `from lmserve import LLM` and then `LLM()` (GGUF read, tokenizer, weights packed, KV cache),
   timed inside the process, with its peak RSS;
@@ -69,10 +69,10 @@ def _cli_generate(threads: str, kv_cache_memory: str) -> dict:
     return {"first_output": first_output, "wall": wall, "rss": usage.ru_maxrss / 1024}
 
 
-def _cli_help() -> float:
-    """Wall seconds of `lmserve --help`."""
+def _cli_wall(*argv: str) -> float:
+    """Wall seconds of `lmserve argv...`."""
     start = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).with_name("lmserve")), "--help"], capture_output=True, check=True)
+    subprocess.run([str(Path(sys.executable).with_name("lmserve")), *argv], capture_output=True, check=True)
     return time.perf_counter() - start
 
 
@@ -90,9 +90,10 @@ def main() -> None:
     from lmserve.quant.native import describe_cpu, load
 
     load()  # build the native kernels now if this is their first use, so no run below pays for it
-    runs: dict[str, list[dict]] = {"torch": [], "llm": [], "cli": [], "help": []}
+    runs: dict[str, list[dict]] = {"torch": [], "llm": [], "cli": [], "help": [], "info": []}
     for _ in range(args.repeat):  # interleaved, so a slow spell of a shared machine hits all alike
-        runs["help"].append({"wall": _cli_help()})
+        runs["help"].append({"wall": _cli_wall("--help")})
+        runs["info"].append({"wall": _cli_wall("info")})
         runs["torch"].append(_python_run(_IMPORT_TORCH))
         runs["llm"].append(_python_run(_LLM, args.kv_cache_memory, args.threads))
         runs["cli"].append(_cli_generate(args.threads, args.kv_cache_memory))
@@ -105,6 +106,7 @@ def main() -> None:
         return [run[key] for run in runs[kind]]
 
     print(_summary("lmserve --help (wall)", column("help", "wall"), "s"))
+    print(_summary("lmserve info (wall)", column("info", "wall"), "s"))
     print(_summary("import torch", column("torch", "import"), "s"))
     print(_summary("import torch: peak RSS", column("torch", "rss"), "MiB"))
     print(_summary("from lmserve import LLM", column("llm", "import"), "s"))

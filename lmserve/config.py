@@ -106,10 +106,10 @@ class ModelConfig:
             return None
         return self.sliding_window
 
-    def kv_bytes_per_token(self, dtype: torch.dtype, quantized: bool = False) -> int:
-        """Bytes of K and V cache one token occupies across all layers; a quantized cache also
-        stores one fp32 scale per token and head."""
-        per_head = self.head_dim * dtype.itemsize + (4 if quantized else 0)
+    def kv_bytes_per_token(self, itemsize: int, quantized: bool = False) -> int:
+        """Bytes of K and V cache one token occupies across all layers, with elements of `itemsize`
+        bytes; a quantized cache also stores one fp32 scale per token and head."""
+        per_head = self.head_dim * itemsize + (4 if quantized else 0)
         return 2 * self.num_layers * self.num_kv_heads * per_head
 
 

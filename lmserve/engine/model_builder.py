@@ -94,7 +94,7 @@ def num_swap_blocks_for(model_config: ModelConfig, engine_config: EngineConfig) 
 
 
 def _bytes_per_block(model_config: ModelConfig, engine_config: EngineConfig) -> int:
-    return model_config.kv_bytes_per_token(engine_config.kv_torch_dtype,
+    return model_config.kv_bytes_per_token(engine_config.kv_torch_dtype.itemsize,
                                            engine_config.kv_quantized) * engine_config.block_size
 
 

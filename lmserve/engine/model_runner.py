@@ -94,8 +94,8 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%s)", num_blocks, self.block_size,
                     num_slots, total / 2**20, engine_config.kv_cache_dtype)
         if engine_config.kv_torch_dtype != self.dtype:
-            plain = model_config.kv_bytes_per_token(self.dtype)
-            packed = model_config.kv_bytes_per_token(engine_config.kv_torch_dtype, engine_config.kv_quantized)
+            plain = model_config.kv_bytes_per_token(self.dtype.itemsize)
+            packed = model_config.kv_bytes_per_token(engine_config.kv_torch_dtype.itemsize, engine_config.kv_quantized)
             logger.info("%s KV cache holds %.2fx the tokens of a %s cache in the same memory",
                         engine_config.kv_cache_dtype, plain / packed, str(self.dtype).replace("torch.", ""))
         if fused_decoder is None:

@@ -309,14 +309,11 @@ def cmd_chat(args) -> None:
 
 
 def cmd_info(args) -> None:
-    import torch
-
     from lmserve.loader import open_checkpoint
     from lmserve.models import registry
 
     ckpt = open_checkpoint(args.model)
     cfg = ckpt.config
-    kv32, kv16 = cfg.kv_bytes_per_token(torch.float32), cfg.kv_bytes_per_token(torch.bfloat16)
     rows = [
         ("path", ckpt.path), ("format", ckpt.format), ("architecture", cfg.architecture),
         ("parameters", f"{ckpt.num_params:,}"),
@@ -326,7 +323,7 @@ def cmd_info(args) -> None:
         ("vocab size", cfg.vocab_size), ("context length", cfg.max_position_embeddings),
         ("sliding window", cfg.sliding_window or "none"),
         ("rope", f"theta {cfg.rope_theta:g}, scaling {cfg.rope_scaling or 'none'}"),
-        ("KV cache bytes/token", f"{kv32:,} (float32), {kv16:,} (bfloat16)"),
+        ("KV cache bytes/token", f"{cfg.kv_bytes_per_token(4):,} (float32), {cfg.kv_bytes_per_token(2):,} (bfloat16)"),
         ("chat template", "yes" if ckpt.tokenizer is not None and ckpt.tokenizer.chat_template else "no"),
         ("supported architectures", ", ".join(f.architecture for f in registry.families())),
     ]

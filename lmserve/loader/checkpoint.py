@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from lmserve.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass

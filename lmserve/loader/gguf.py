@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lmserve.config import ModelConfig
 from lmserve.errors import InvalidParameterError, ModelLoadError
@@ -199,6 +198,8 @@ def load_gguf(path: Path) -> Checkpoint:
     tensors = gguf_file.tensors  # not the file's metadata: the token lists are dropped once the tokenizer is built
 
     def iter_tensors(keep_packed: bool = False):
+        import torch  # here, not at the top: reading a file's metadata (`lmserve info`) needs no PyTorch
+
         for tensor in tensors:
             name = hf_tensor_name(tensor.name, arch)
             if name is None:

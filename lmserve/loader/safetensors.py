@@ -130,9 +130,9 @@ def read_header(file: Path) -> dict[str, tuple[str, list[int]]]:
     return tensors
 
 
-def _open(file: Path):
+def _open(file: Path, framework: str = "pt"):
     try:
-        return safe_open(str(file), framework="pt")
+        return safe_open(str(file), framework=framework)
     except (SafetensorError, OSError) as exc:
         raise ModelLoadError(file, f"corrupt or truncated safetensors file ({exc})") from None
 
@@ -181,7 +181,7 @@ def load_hf_directory(directory: Path) -> Checkpoint:
             for dim in shape:
                 count *= dim
             num_params += count
-        with _open(file):  # the safetensors library's own checks of the header
+        with _open(file, "numpy"):  # the safetensors library's own checks of the header ("pt" imports PyTorch)
             pass
     _check_against_config(config, "n_layer" if "n_layer" in raw_config else "num_hidden_layers", shapes,
                           directory)

@@ -1,6 +1,7 @@
 """The model families: one `ModelFamily` descriptor per `ModelConfig.architecture`, exported as
-`FAMILIES` by the family's model file, and the lookups the loaders, the quantize writer and the
-engine use to find a family by the name a checkpoint gives it.
+`FAMILIES` by the family's file in `lmserve.models.families`, and the lookups the loaders, the
+quantize writer and the engine use to find a family by the name a checkpoint gives it. None of
+them imports PyTorch: a descriptor names its model class, which is imported when a model is built.
 
 A descriptor says which checkpoints the family serves (Hugging Face `architectures` /
 `model_type`, GGUF `general.architecture`), how their names and hyper-parameters differ from the
@@ -15,13 +16,15 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lmserve.config import EngineConfig, ModelConfig
 from lmserve.errors import LmserveError
-from lmserve.layers.attention import AttentionMetadata, PagedAttention
+
+if TYPE_CHECKING:
+    import torch
+
+    from lmserve.layers.attention import AttentionMetadata, PagedAttention
 
 # key(name, default=None, required=False): the GGUF metadata value `<general.architecture>.<name>`
 GgufKey = Callable[..., Any]
@@ -69,7 +72,7 @@ class ModelFamily:
     replace the common reading of a checkpoint's config."""
 
     architecture: str  # its ModelConfig.architecture
-    model_class: type[CausalLM]  # built as model_class(config, max_model_len)
+    model_class_path: str  # "module:Class" of its model, built as model_class(config, max_model_len)
     hf_architectures: tuple[str, ...] = ()  # config.json `architectures` entries it answers to
     hf_model_types: tuple[str, ...] = ()  # config.json `model_type`s, for configs without `architectures`
     hf_common_keys: Callable[[dict], dict] | None = None  # config.json with its own key names renamed to Llama's
@@ -81,9 +84,22 @@ class ModelFamily:
     config_from_gguf: Callable[[GgufKey, ModelConfig], dict] | None = None  # (key, common config) -> fields
     chat_template: str | None = None  # for checkpoints that carry none
     quantize_gguf_arch: str | None = None  # what `lmserve quantize` writes it as from a HF directory (None: cannot)
-    # (model, engine config) -> a native decode step for the model runner, or None where it cannot run
+    # (model, engine config) -> the native step for the model runner, or None where it cannot run
+    # (`native_fused_decoder` for a model class that describes its layout with `fused_model()`)
     fused_decoder: Callable[[torch.nn.Module, EngineConfig], Any] | None = None
     tensor_parallel: bool = False  # whether its layers split across ranks (lmserve.parallel)
+
+    @property
+    def model_class(self) -> type[CausalLM]:
+        module, _, name = self.model_class_path.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def native_fused_decoder(model: torch.nn.Module, engine_config: EngineConfig):
+    """`models.fused_decoder.build_fused_decoder`, imported when called (it needs PyTorch)."""
+    from lmserve.models.fused_decoder import build_fused_decoder
+
+    return build_fused_decoder(model, engine_config)
 
 
 class UnsupportedArchitectureError(LmserveError):
@@ -92,8 +108,8 @@ class UnsupportedArchitectureError(LmserveError):
 
 @functools.cache
 def families() -> tuple[ModelFamily, ...]:
-    """Every family: the `FAMILIES` of each module of `lmserve.models`, by module name."""
-    import lmserve.models as package
+    """Every family: the `FAMILIES` of each module of `lmserve.models.families`, by module name."""
+    import lmserve.models.families as package
 
     modules = [importlib.import_module(f"{package.__name__}.{info.name}")
                for info in pkgutil.iter_modules(package.__path__)]
