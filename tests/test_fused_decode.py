@@ -21,9 +21,12 @@ pytestmark = pytest.mark.skipif(native.load() is None, reason="the C++ extension
 # Every layout the fused decoder claims: GQA, MQA + tied head, sliding window, q/k/v bias (Qwen2),
 # per-head q/k norms (Qwen3), scaled rotary tables, Phi-3's LongRoPE, Gemma 3 (offset norms
 # around attention and MLP, GELU-tanh gating, local/global layers with their own rotary bases,
-# scaled embeddings, soft-capped logits) and GPT-2 (LayerNorms, learned positions, biases, GELU).
+# scaled embeddings, soft-capped logits), GPT-2 (LayerNorms, learned positions, biases, GELU) and
+# the mixtures of experts (Mixtral; Qwen2-MoE with a gated shared expert; Qwen3-MoE).
 FAMILIES = ["llama_gqa", "llama_mqa_tied", "mistral_sliding", "qwen2", "qwen3", "yarn_rope", "phi3_longrope",
-            "gemma3", "gpt2"]
+            "gemma3", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe"]
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe"}
+KERNEL_TOLERANCE = 5e-4  # relative, where the block kernel's int16 activations are in play (see below)
 
 
 class StepComparer:
@@ -81,14 +84,15 @@ def _busy_workload(llm, max_context: int = 60):
 def test_fused_steps_match_the_module_path(tiny_model_factory, kind, quantization):
     """With the matmuls computed alike (dequantized fp32 GEMMs), logits within 1e-5 relative at
     every step — decode, multi-token and mixed — with prefix hits, forks and preemption (28
-    blocks of 4 tokens for ~130 tokens of demand)."""
+    blocks of 4 tokens for ~130 tokens of demand). The native MoE block always multiplies its
+    experts on the block kernel (int16 activations), so MoE models get the kernel path's bound."""
     directory, _ = tiny_model_factory(kind)
     llm = _llm(directory, gemm_only=True, quantization=quantization, block_size=4, num_kv_blocks=28,
                max_num_batched_tokens=16)
     comparer = StepComparer(llm.engine.runner)
     _busy_workload(llm)
     assert comparer.kinds == {"decode", "multi-token", "mixed"}
-    assert comparer.worst < 1e-5, comparer.worst
+    assert comparer.worst < (KERNEL_TOLERANCE if kind in MOE else 1e-5), comparer.worst
     if kind != "mistral_sliding":  # its window of 7 releases blocks as it goes: no preemption
         assert llm.engine.scheduler.num_preemptions > 0
 
@@ -105,7 +109,7 @@ def test_fused_steps_on_the_block_kernel_match_the_module_path(tiny_model_factor
     comparer = StepComparer(llm.engine.runner)
     _busy_workload(llm)
     assert comparer.kinds == {"decode", "multi-token", "mixed"}
-    assert comparer.worst < 5e-4, comparer.worst
+    assert comparer.worst < KERNEL_TOLERANCE, comparer.worst
 
 
 @pytest.mark.parametrize("kind", ["llama_gqa", "gemma3"])

@@ -14,6 +14,7 @@ import torch
 from lmserve.config import EngineConfig, ModelConfig
 from lmserve.errors import ModelLoadError
 from lmserve.layers.linear import Linear
+from lmserve.layers.moe import StackedExperts
 from lmserve.loader import Checkpoint
 from lmserve.models import registry
 from lmserve.models.weights import PackedShardLoader, WeightLoadError, load_weights
@@ -49,7 +50,7 @@ def build_model(checkpoint: Checkpoint, engine_config: EngineConfig, max_model_l
         raise ModelLoadError(checkpoint.path, str(exc)) from None
     if engine_config.quantization in ("int8", "int4"):
         for module in model.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, (Linear, StackedExperts)):
                 module.quantize_(engine_config.quantization)
     for module in model.modules():
         if isinstance(module, KernelOrGemmWeight):
@@ -65,8 +66,14 @@ def build_model(checkpoint: Checkpoint, engine_config: EngineConfig, max_model_l
 
 
 def _log_weight_formats(model: torch.nn.Module) -> None:
-    kinds = Counter(type(m.packed).__name__ if m.packed is not None else "dense"
-                    for m in model.modules() if isinstance(m, PackedShardLoader))
+    def kind(m) -> str:
+        if m.packed is None:
+            return "dense"
+        if isinstance(m, StackedExperts):
+            return f"{type(m.packed[0].gate_up).__name__} experts"
+        return type(m.packed).__name__
+
+    kinds = Counter(kind(m) for m in model.modules() if isinstance(m, PackedShardLoader))
     weight_bytes = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
     logger.info("weights: %s; %.1f MiB resident", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())),
                 weight_bytes / 2**20)

@@ -206,9 +206,9 @@ def load_gguf(path: Path) -> Checkpoint:
                 continue
             proj = name.split(".")[-2]
             type_name = tensor.tensor_type.name
-            if keep_packed and type_name in PACKABLE_TYPES and len(tensor.dims) == 2:
-                # GGUF lists dimensions innermost first: dims is (cols, rows)
-                packed = decode(tensor.data, type_name, (tensor.dims[1], tensor.dims[0]))
+            if keep_packed and type_name in PACKABLE_TYPES and (len(tensor.dims) == 2 or ".experts." in name):
+                # GGUF lists dimensions innermost first: dims is (cols, rows) or (cols, rows, experts)
+                packed = decode(tensor.data, type_name, tuple(reversed(tensor.dims)))
                 if proj in rope_heads:
                     packed = packed.map_rows(lambda rows: _unpermute_rope(rows, rope_heads[proj]))
                 yield name, packed

@@ -4,6 +4,7 @@ A model class that can run fused has a `fused_model()` method returning a `Fused
 its modules are the token table, the final norm and, per layer, the norms, projections, MLP
 activation, rotary table and attention (so Llama, Gemma 3 and GPT-2 describe their own layouts,
 and the C++ decoder in `lmserve/quant/csrc/fused_decoder.cpp` runs one layer loop for all).
+Mixture-of-experts blocks run as the extension's `MoeFeedForward` (lmserve/quant/csrc/moe_ffn.h).
 `build_fused_decoder` hands those weights, norms, rotary tables and KV caches to the decoder once;
 the model runner then sends steps through it instead of the PyTorch modules. It applies only
 where the two paths compute the same thing: every linear layer held by our block kernel, fp32
@@ -25,6 +26,7 @@ from lmserve.layers.activation import Activation, GatedActivation, gelu_tanh
 from lmserve.layers.attention import PagedAttention
 from lmserve.layers.embedding import VocabEmbedding
 from lmserve.layers.linear import Linear
+from lmserve.layers.moe import SparseMoeBlock
 from lmserve.layers.norm import LayerNorm, RMSNorm
 from lmserve.layers.rotary import RotaryEmbedding
 from lmserve.quant import native
@@ -38,7 +40,8 @@ _NATIVE_KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 @dataclass
 class FusedLayer:
     """One decoder layer as the native loop runs it: h += [post_attention_norm](o(attn(qkv(
-    input_norm(h))))); h += [post_ffn_norm](down(act(up(pre_ffn_norm(h)))))."""
+    input_norm(h))))); h += [post_ffn_norm](down(act(up(pre_ffn_norm(h))))), or with a sparse
+    mixture-of-experts block (`moe`, a SparseMoeBlock) in place of up / act / down."""
 
     input_norm: nn.Module
     qkv: Linear  # q | k | v heads
@@ -46,9 +49,10 @@ class FusedLayer:
     rotary: RotaryEmbedding | None
     o: Linear
     pre_ffn_norm: nn.Module
-    up: Linear  # gate | up for gated activations
-    activation: nn.Module
-    down: Linear
+    up: Linear | None  # gate | up for gated activations
+    activation: nn.Module | None
+    down: Linear | None
+    moe: SparseMoeBlock | None = None
     q_norm: RMSNorm | None = None
     k_norm: RMSNorm | None = None
     post_attention_norm: nn.Module | None = None
@@ -114,13 +118,12 @@ def _unsupported(model: nn.Module, engine_config: EngineConfig) -> str | None:
 def _unsupported_layout(fused: FusedModel) -> str | None:
     if fused.embed.tp.size > 1:
         return "the model is split for tensor parallelism (the fused decoder runs whole models)"
-    linears = [m for layer in fused.layers for m in (layer.qkv, layer.o, layer.up, layer.down)]
+    linears = [m for layer in fused.layers for m in (layer.qkv, layer.o, layer.up, layer.down) if m is not None]
     if not all(isinstance(m.packed, BlockWeight) for m in linears):
         return "not every linear layer is block-quantized"
     if fused.embed.packed is not None and not isinstance(fused.embed.packed, BlockWeight):
         return "the token table is not block-quantized"
-    names = {activation_name(layer.activation) for layer in fused.layers}
-    if None in names:
+    if any(activation_name(layer.activation) is None for layer in fused.layers if layer.moe is None):
         return "an MLP activation has no native form"
     return None
 
@@ -159,17 +162,28 @@ def build_fused_decoder(model: nn.Module, engine_config: EngineConfig):
         positions = fused.positions
         description["position_table"] = (positions.packed.dequantize() if positions.packed is not None
                                          else positions.weight.data.float())
+    feed_forward = []
+    for i, layer in enumerate(fused.layers):
+        if layer.moe is None:
+            feed_forward.append(dict(up=_linear(layer.up), down=_linear(layer.down),
+                                     activation=activation_name(layer.activation)))
+            continue
+        moe, reason = layer.moe.native_ffn(ext)
+        if moe is None:
+            logger.info("steps run through PyTorch modules (fused decoder off: layer %d's MoE block: %s)", i, reason)
+            return None
+        feed_forward.append(dict(moe=moe))
     decoder = ext.FusedDecoder(description)
-    for layer in fused.layers:
+    for layer, ffn in zip(fused.layers, feed_forward):
         attn = layer.attention
         decoder.add_layer(dict(
+            **ffn,
             input_norm=_norm(layer.input_norm), pre_ffn_norm=_norm(layer.pre_ffn_norm),
             post_attention_norm=_norm(layer.post_attention_norm) if layer.post_attention_norm else None,
             post_ffn_norm=_norm(layer.post_ffn_norm) if layer.post_ffn_norm else None,
             q_norm=_rms_weight(layer.q_norm) if layer.q_norm is not None else None,
             k_norm=_rms_weight(layer.k_norm) if layer.k_norm is not None else None,
-            qkv=_linear(layer.qkv), o=_linear(layer.o), up=_linear(layer.up), down=_linear(layer.down),
-            activation=activation_name(layer.activation),
+            qkv=_linear(layer.qkv), o=_linear(layer.o),
             cos=layer.rotary.cos_cache.float() if layer.rotary is not None else None,
             sin=layer.rotary.sin_cache.float() if layer.rotary is not None else None,
             attn_scale=attn.scale, window=attn.sliding_window or 0,

@@ -16,6 +16,7 @@ from lmserve.layers.activation import SiluAndMul
 from lmserve.layers.attention import AttentionMetadata, PagedAttention
 from lmserve.layers.embedding import LMHead, VocabEmbedding
 from lmserve.layers.linear import Linear, MergedLinear
+from lmserve.layers.moe import SparseMoeBlock
 from lmserve.layers.norm import RMSNorm
 from lmserve.layers.rotary import RotaryEmbedding
 from lmserve.models.fused_decoder import FusedLayer, FusedModel, NotFusable
@@ -138,11 +139,15 @@ class LlamaForCausalLM(nn.Module):
         layers = []
         for i, layer in enumerate(self.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            if not isinstance(mlp, LlamaMLP):
+            norms = dict(q_norm=attn.q_norm if attn.qk_norm else None, k_norm=attn.k_norm if attn.qk_norm else None)
+            if isinstance(mlp, SparseMoeBlock):
+                layers.append(FusedLayer(layer.input_layernorm, attn.qkv_proj, attn.attn, self.rotary, attn.o_proj,
+                                         layer.post_attention_layernorm, None, None, None, moe=mlp, **norms))
+            elif isinstance(mlp, LlamaMLP):
+                layers.append(FusedLayer(layer.input_layernorm, attn.qkv_proj, attn.attn, self.rotary, attn.o_proj,
+                                         layer.post_attention_layernorm, mlp.gate_up_proj, mlp.act, mlp.down_proj,
+                                         **norms))
+            else:
                 raise NotFusable(f"layer {i}'s feed-forward block is a {type(mlp).__name__}")
-            layers.append(FusedLayer(layer.input_layernorm, attn.qkv_proj, attn.attn, self.rotary, attn.o_proj,
-                                     layer.post_attention_layernorm, mlp.gate_up_proj, mlp.act, mlp.down_proj,
-                                     q_norm=attn.q_norm if attn.qk_norm else None,
-                                     k_norm=attn.k_norm if attn.qk_norm else None))
         return FusedModel(self.model.embed_tokens, layers, self.model.norm)
 

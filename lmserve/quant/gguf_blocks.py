@@ -19,11 +19,12 @@ QK_K = 256
 
 @dataclass
 class GroupQuantized:
-    """Rows quantized in groups of `group` columns: w[r, c] = q[r, c] * scale[r, c // group] (+ bias)."""
+    """Rows quantized in groups of `group` columns: w[r, c] = q[r, c] * scale[r, c // group] (+ bias).
+    A stack of matrices (GGUF's experts, [E, rows, cols]) has the same leading dims in every array."""
 
-    q: np.ndarray  # int8 [rows, cols]
-    scale: np.ndarray  # float32 [rows, cols // group]
-    bias: np.ndarray | None  # float32 [rows, cols // group]
+    q: np.ndarray  # int8 [..., rows, cols]
+    scale: np.ndarray  # float32 [..., rows, cols // group]
+    bias: np.ndarray | None  # float32 [..., rows, cols // group]
     group: int
     levels: tuple[int, int]  # smallest and largest value q can take in this format
 
@@ -37,11 +38,10 @@ class GroupQuantized:
         return GroupQuantized(fn(self.q), fn(self.scale), bias, self.group, self.levels)
 
     def dequantize(self) -> np.ndarray:
-        rows, cols = self.q.shape
-        grouped = self.q.reshape(rows, -1, self.group).astype(np.float32) * self.scale[..., None]
+        grouped = self.q.reshape(*self.scale.shape, self.group).astype(np.float32) * self.scale[..., None]
         if self.bias is not None:
             grouped += self.bias[..., None]
-        return grouped.reshape(rows, cols)
+        return grouped.reshape(self.q.shape)
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -126,14 +126,13 @@ _LEVELS = {"Q4_0": (-8, 7), "Q4_1": (0, 15), "Q4_K": (0, 15), "Q5_0": (-16, 15),
 PACKABLE_TYPES = tuple(_DECODERS)
 
 
-def decode(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> GroupQuantized:
+def decode(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> GroupQuantized:
     """Decode a GGUF tensor's raw bytes (any shape whose total is the tensor's byte size) of
-    logical shape [rows, cols] into its integer form."""
+    logical shape [..., rows, cols] into its integer form."""
     decoder, group = _DECODERS[type_name]
     block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
-    rows, cols = shape
     blocks = np.ascontiguousarray(raw).reshape(-1, block_bytes)
     q, scale, bias = decoder(blocks)
-    as_rows = lambda a: np.ascontiguousarray(a.reshape(rows, -1).astype(a.dtype, copy=False))  # noqa: E731
+    as_rows = lambda a: np.ascontiguousarray(a.reshape(*shape[:-1], -1).astype(a.dtype, copy=False))  # noqa: E731
     return GroupQuantized(as_rows(q), as_rows(scale.astype(np.float32)),
                           None if bias is None else as_rows(bias.astype(np.float32)), group, _LEVELS[type_name])

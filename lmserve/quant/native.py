@@ -1,5 +1,6 @@
 """Builds and loads the native CPU code in `csrc/`: the block-quantized matmul, the fused
-Llama decode step built on it, and the sampler's per-row argmax and log-sum-exp.
+Llama decode step and the mixture-of-experts feed-forward block built on it, and the sampler's
+per-row argmax and log-sum-exp.
 
 The extension is compiled once per machine with PyTorch's extension builder (ninja + the
 system C++ compiler), cached on disk (TORCH_EXTENSIONS_DIR, by default under ~/.cache), and
@@ -54,7 +55,7 @@ TARGET_ISA: str | None = None  # the instruction sets of the kernel variant load
 _CFLAGS = ["-O3", "-std=c++20", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 KERNELS = ("block matmul and dequantize (4-bit and int8 groups)", "fused decoder step",
-           "sampler row argmax / log-sum-exp")
+           "mixture-of-experts feed-forward", "sampler row argmax / log-sum-exp")
 BUILD_NAME = "lmserve_block_matmul"  # each build is BUILD_NAME_<key>, in a directory of that name
 TORCH_LOCK = "lock"  # the file PyTorch's builder holds for the length of a build
 _HOLDER_LOCK = "lmserve.lock"  # the file lmserve processes flock while building or loading
@@ -202,7 +203,7 @@ def isa_variants() -> list[tuple[str, str, bool]]:
 
 @cache
 def load():
-    """The compiled module (`block_matmul`, `block_dequantize`, `FusedDecoder`,
+    """The compiled module (`block_matmul`, `block_dequantize`, `FusedDecoder`, `MoeFeedForward`,
     `argmax_logsumexp`, and `isa_variants` / `use_isa` / `isa` for the kernel variant), or None.
     The Makefile's install step calls this once so the compile happens at set-up rather than in a
     first request."""

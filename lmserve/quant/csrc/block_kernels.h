@@ -1,6 +1,7 @@
 // Shared declarations of the CPU fast path's native code: the block-quantized matmul
-// (block_matmul.cpp), the fused decoder step built on it (fused_decoder.cpp) and the
-// sampler's per-row statistics (row_stats.cpp).
+// (block_matmul.cpp), the fused decoder step built on it (fused_decoder.cpp), the sparse
+// mixture-of-experts feed-forward block (moe_ffn.cpp) and the sampler's per-row statistics
+// (row_stats.cpp).
 //
 // Runtime ISA dispatch. The vector kernels are written once, in isa_kernels.h, against a small
 // vector type `Vec`, and compiled once per instruction set: isa_avx2.cpp (AVX2 + FMA, 256-bit
@@ -108,6 +109,8 @@ struct IsaKernels {
                  int64_t dim, float scale, float* scores, float* out);
   // (first index of the largest value, log-sum-exp) of a row of n finite values.
   std::pair<int64_t, float> (*argmax_logsumexp)(const float* x, int64_t n);
+  // sum_i a[i] * b[i] over n fp32 values, summed in a fixed order.
+  float (*dot)(const float* a, const float* b, int64_t n);
 };
 
 namespace avx2 {

@@ -99,11 +99,13 @@ torch::Tensor block_gather_rows(torch::Tensor q, torch::Tensor scale, torch::Ten
 namespace lmserve {
 void bind_fused_decoder(pybind11::module& m);  // fused_decoder.cpp
 void bind_row_stats(pybind11::module& m);     // row_stats.cpp
+void bind_moe_ffn(pybind11::module& m);       // moe_ffn.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   lmserve::bind_fused_decoder(m);
   lmserve::bind_row_stats(m);
+  lmserve::bind_moe_ffn(m);
   // Both release the GIL (as PyTorch's own ops do), so a server's event loop runs meanwhile.
   m.def("block_matmul", &block_matmul, "x @ W^T for a block-quantized W (fp32 activations)",
         pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -10,7 +10,8 @@
 // One layer loop serves every family: its pieces are chosen per layer from what the Python side
 // (lmserve/models/fused_decoder.py, from the family's description of its modules) hands over —
 // RMSNorm or LayerNorm, norms before and after attention and feed-forward, q/k norms, a rotary
-// table per layer (or none), gated SiLU / gated GELU-tanh / plain GELU-tanh MLPs, biases,
+// table per layer (or none), gated SiLU / gated GELU-tanh / plain GELU-tanh MLPs or sparse
+// mixture-of-experts blocks (moe_ffn.h), biases,
 // sliding windows, token-embedding scale, learned position embeddings, and a KV cache in fp32,
 // bf16, fp16 or int8 with per-token scales. A step's rows are tokens: several rows may belong to
 // one sequence (a prompt chunk, speculative proposals) at consecutive positions; each layer stores
@@ -18,6 +19,7 @@
 // own, so causality within the new tokens holds. Every row is computed independently of the
 // others (no batch-dependent reduction order on the kernel path).
 #include "block_kernels.h"
+#include "moe_ffn.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -25,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -232,8 +235,9 @@ struct KvCache {
 struct Layer {
   Norm input_norm, post_attention_norm, pre_ffn_norm, post_ffn_norm;  // post_* absent unless the family has them
   torch::Tensor q_norm, k_norm;  // per-head RMSNorm weights, undefined unless the model has them
-  PackedLinear qkv, o, up, down;  // up: gate|up for the gated activations
+  PackedLinear qkv, o, up, down;  // up: gate|up for the gated activations; both unset for a MoE block
   Activation activation;
+  std::shared_ptr<MoeFeedForward> moe;  // the layer's sparse MoE block, instead of up / down
   torch::Tensor cos, sin;  // rotary tables [positions, rotary_dim], undefined for none
   float attn_scale;
   int64_t window;  // sliding window in tokens, 0 for none
@@ -284,9 +288,11 @@ class FusedDecoder {
   }
 
   // `layer`: the norms (each (kind, weight, bias)), `q_norm` / `k_norm`, the linears `qkv`, `o`,
-  // `up`, `down` (each (q, scale, offset, bias, group, bits, rows)), `activation`, rotary `cos` /
-  // `sin` (None for no rotary), `attn_scale`, `window`, `kv_cache` and `kv_scales`.
+  // and either `up`, `down` (each (q, scale, offset, bias, group, bits, rows)) and `activation`
+  // or `moe` (a MoeFeedForward); rotary `cos` / `sin` (None for no rotary), `attn_scale`,
+  // `window`, `kv_cache` and `kv_scales`.
   void add_layer(const py::dict& layer) {
+    const bool sparse = layer.contains("moe") && !layer["moe"].is_none();
     Layer l{Norm::from(layer, "input_norm", hidden_),
             Norm::from(layer, "post_attention_norm", hidden_),
             Norm::from(layer, "pre_ffn_norm", hidden_),
@@ -295,9 +301,10 @@ class FusedDecoder {
             optional_tensor(layer, "k_norm"),
             PackedLinear::from(layer, "qkv"),
             PackedLinear::from(layer, "o"),
-            PackedLinear::from(layer, "up"),
-            PackedLinear::from(layer, "down"),
-            activation_named(layer["activation"].cast<std::string>()),
+            sparse ? PackedLinear{} : PackedLinear::from(layer, "up"),
+            sparse ? PackedLinear{} : PackedLinear::from(layer, "down"),
+            sparse ? Activation::kSiluGated : activation_named(layer["activation"].cast<std::string>()),
+            sparse ? layer["moe"].cast<std::shared_ptr<MoeFeedForward>>() : nullptr,
             optional_tensor(layer, "cos"),
             optional_tensor(layer, "sin"),
             layer["attn_scale"].cast<float>(),
@@ -312,8 +319,10 @@ class FusedDecoder {
                 l.cos.scalar_type() == torch::kFloat32)), "rotary tables must be fp32 [positions, even dim <= head_dim]");
     const bool gated = l.activation != Activation::kGeluTanh;
     TORCH_CHECK(l.qkv.m.N == (heads_ + 2 * kv_heads_) * dim_ && l.qkv.m.K == hidden_ && l.o.m.K == heads_ * dim_ &&
-                l.o.m.N == hidden_ && l.up.m.K == hidden_ && l.down.m.N == hidden_ &&
-                l.up.m.N == (gated ? 2 : 1) * l.down.m.K, "layer shapes do not match the model");
+                l.o.m.N == hidden_, "attention shapes do not match the model");
+    TORCH_CHECK(sparse ? l.moe->hidden_size() == hidden_
+                       : l.up.m.K == hidden_ && l.down.m.N == hidden_ && l.up.m.N == (gated ? 2 : 1) * l.down.m.K,
+                "feed-forward shapes do not match the model");
     widest_window_ = layers_.empty() || (widest_window_ > 0 && l.window > 0) ? std::max(widest_window_, l.window) : 0;
     layers_.push_back(std::move(l));
   }
@@ -445,6 +454,10 @@ class FusedDecoder {
   }
 
   void feed_forward(const IsaKernels& k, const Layer& l, int64_t B) {
+    if (l.moe) {
+      l.moe->apply(k, normed_.data(), B, delta_.data());
+      return;
+    }
     const int64_t inter = l.down.m.K, width = l.up.m.N;
     mlp_.resize(B * width);
     act_.resize(B * inter);

@@ -402,5 +402,5 @@ std::pair<int64_t, float> argmax_logsumexp(const float* x, int64_t n) {
 
 }  // namespace
 
-const IsaKernels kernels = {V::kName, V::kLabel,      &V::runs_here, &matmul,
-                            &rms_norm, &silu_mul, &gelu_tanh_mul, &attend, &argmax_logsumexp};
+const IsaKernels kernels = {V::kName,   V::kLabel, &V::runs_here,     &matmul,           &rms_norm,
+                            &silu_mul, &gelu_tanh_mul, &attend, &argmax_logsumexp, &dot_f32};
