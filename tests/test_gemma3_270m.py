@@ -72,3 +72,15 @@ def test_gemma_turn_format_is_supplied(llm):
                       "<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n")
     ids = llm.tokenizer.encode(prompt)
     assert ids.count(llm.tokenizer.bos_token_id) == 1 and ids[0] == llm.tokenizer.bos_token_id
+
+
+def test_packed_file_gives_the_same_continuations_on_the_fused_and_module_paths(gemma_path):
+    """The file as lmserve runs it by default (packed, every step in the fused native decoder)
+    against the same weights through the PyTorch modules: equal greedy continuations."""
+    runs = []
+    for enforce_eager in (False, True):
+        llm = LLM(str(gemma_path), kv_cache_memory="64MiB", enforce_eager=enforce_eager)
+        assert (llm.engine.runner.fused_decode is None) == enforce_eager
+        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), use_tqdm=False)
+        runs.append([o.outputs[0].token_ids for o in outs])
+    assert runs[0] == runs[1]
