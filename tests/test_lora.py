@@ -148,6 +148,33 @@ def test_packed_gguf_base_matches_peft_on_the_dequantized_weights(tmp_path):
     for prompt, out in zip(prompts, outs):
         generated = out.outputs[0].token_ids
         assert generated == hf_logits(reference, prompt + generated)[len(prompt) - 1: -1].argmax(-1).tolist()
+    assert llm.engine.runner.fused_decode.runs_lora(llm.engine.lora.loaded["all"])  # natively, in C++
+
+
+def test_adapters_in_the_fused_decoder_match_the_module_path(family):
+    """A packed (int8) base with three adapters and base rows in one batch: every step runs in the
+    fused native decoder (no step falls back to the modules), and its logits stay within the
+    block kernel's tolerance of the module path's on the same weights, greedy tokens equal."""
+    path, _, adapters = family
+    prompts = [PROMPT, PROMPT[:9], PROMPT[:14], PROMPT[3:8], PROMPT[6:17]]
+    names = ["qv", None, "all", "q_down", "qv"]
+    requests = [adapters[n][0] if n else None for n in names]
+    runs = []
+    for enforce_eager in (False, True):
+        llm = LLM(str(path), quantization="int8", enable_lora=True, max_loras=3, enforce_eager=enforce_eager)
+        runner = llm.engine.runner
+        module_steps = []
+        prepare_modules = runner._prepare_modules
+        runner._prepare_modules = lambda *args: (module_steps.append(1), prepare_modules(*args))[1]
+        recorder = LogitRecorder(llm.engine.sampler)
+        llm.engine.sampler = recorder
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=requests)
+        assert bool(module_steps) == enforce_eager
+        runs.append(([o.outputs[0].token_ids for o in outs], torch.stack(recorder.rows)))
+    (fused_tokens, fused_logits), (module_tokens, module_logits) = runs
+    assert fused_tokens == module_tokens
+    relative = ((fused_logits - module_logits).abs().max() / module_logits.abs().max()).item()
+    assert relative < 5e-4, relative
 
 
 def _copy_adapter(source, target, edit_config=None, drop=None):

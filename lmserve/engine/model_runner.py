@@ -5,10 +5,11 @@ copies and swaps, then flattens the scheduled tokens of all sequences into one u
 builds the attention metadata (slot mapping from the block tables, padded attention groups with
 context slots gathered through the block tables) and returns logits only for the positions that
 sample a new token. Where the model family describes a fused layout and the model qualifies,
-steps without LoRA rows go instead through the fused native decoder, whose metadata is just the
-tokens, their positions, which sequence each belongs to and the block tables; the engine passes
-the family's decoder factory in, so the runner knows no model family. With LoRA enabled, each step
-first tells the adapters' shared state which token rows run which adapter.
+steps go instead through the fused native decoder, whose metadata is just the tokens, their
+positions, which sequence each belongs to and the block tables; the engine passes the family's
+decoder factory in, so the runner knows no model family. With LoRA enabled, a step's sequences
+are laid out grouped by adapter and the adapters' row spans go to the fused decoder or, when it
+does not hold every module an adapter changes, to the modules' shared LoRA state.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from lmserve.config import EngineConfig, ModelConfig
 from lmserve.engine.scheduler_output import BlockOp, BlockOpKind, ScheduledSequence, SchedulerOutput
 from lmserve.layers.attention import AttentionGroup, AttentionMetadata
-from lmserve.lora.manager import LoRABatch
+from lmserve.lora.manager import LoRABatch, adapter_spans
 
 logger = logging.getLogger("lmserve")
 
@@ -149,7 +150,7 @@ class ModelRunner:
             return None
         if inputs.block_tables is not None:
             hidden = self.fused_decode.forward(inputs.input_ids, inputs.positions, inputs.seq_of_row,
-                                               inputs.block_tables, self.block_size)
+                                               inputs.block_tables, self.block_size, adapter_spans(inputs.lora_spans))
         else:
             if inputs.lora_spans:
                 self.lora.begin_step(inputs.lora_spans)
@@ -165,14 +166,17 @@ class ModelRunner:
         return logits if inputs.logits_order is None else logits[inputs.logits_order]
 
     def _prepare_lora(self, scheduled: list[ScheduledSequence], inputs: StepInputs) -> StepInputs:
-        """A step with LoRA rows, through the modules (the fused decoder knows no adapters): the
-        sequences are laid out grouped by adapter, so each adapter's tokens are one span of rows,
-        and the logits come back in schedule order."""
+        """A step with LoRA rows: the sequences are laid out grouped by adapter, so each adapter's
+        tokens are one span of rows (its factors read once per step), and the logits come back in
+        schedule order. The fused decoder runs it when it holds every module the adapters change."""
         groups: dict[object, int] = {}
         order = sorted(range(len(scheduled)),
                        key=lambda i: groups.setdefault(scheduled[i].seq.request.lora, len(groups)))
         grouped = [scheduled[i] for i in order]
-        self._prepare_modules(grouped, inputs)
+        if self.fused_decode is not None and all(a is None or self.fused_decode.runs_lora(a) for a in groups):
+            self._prepare_fused(grouped, inputs)
+        else:
+            self._prepare_modules(grouped, inputs)
         inputs.lora_spans = [(r.seq.request.lora, r.num_tokens) for r in grouped]
         if order != sorted(order):
             first_row = dict(zip(order, itertools.accumulate((r.num_logits for r in grouped), initial=0)))

@@ -5,10 +5,11 @@ recently used first out; an adapter that a live request still runs with is never
 one that is removed (`remove`) stays with the requests already running on it until they finish:
 they hold the adapter object, only new requests can no longer name it.
 
-`LoRABatch` is shared by every `Linear` of the model: before a forward the runner lays the step's
+`LoRABatch` is shared by every `Linear` of the model on the module path: before a forward the runner lays the step's
 tokens out grouped by adapter and tells it which span of rows belongs to which adapter
 (`begin_step`); each projection then adds `(x[span] @ A^T) @ B^T` to those rows of its output,
 in place — one pair of matmuls per adapter in the step, none per request, nothing for base rows.
+The fused native decoder takes the same spans (`adapter_spans`) and does the same in C++.
 """
 
 from __future__ import annotations
@@ -28,6 +29,22 @@ from lmserve.lora.request import LoRARequest
 logger = logging.getLogger("lmserve")
 
 
+def adapter_spans(row_adapters: list[tuple[LoRAAdapter | None, int]]) -> list[tuple[LoRAAdapter, int, int]]:
+    """[(adapter, first row, end row)] on a step's flat token axis, one per run of sequences with
+    the same adapter; `row_adapters`: each scheduled sequence's adapter (None: base) and its token
+    count, in the order of the step's tokens."""
+    spans: list[tuple[LoRAAdapter, int, int]] = []
+    start = 0
+    for adapter, count in row_adapters:
+        if adapter is not None:
+            if spans and spans[-1][0] is adapter and spans[-1][2] == start:
+                spans[-1] = (adapter, spans[-1][1], start + count)
+            else:
+                spans.append((adapter, start, start + count))
+        start += count
+    return spans
+
+
 class LoRABatch:
     """The adapters of one step: [(adapter, first row, end row)] on the step's flat token axis,
     whose rows the runner lays out grouped by adapter so that each adapter's rows are one span."""
@@ -36,17 +53,7 @@ class LoRABatch:
         self.spans: list[tuple[LoRAAdapter, int, int]] = []
 
     def begin_step(self, row_adapters: list[tuple[LoRAAdapter | None, int]]) -> None:
-        """`row_adapters`: each scheduled sequence's adapter (None: base) and its token count, in
-        the order of the step's tokens."""
-        self.spans = []
-        start = 0
-        for adapter, count in row_adapters:
-            if adapter is not None:
-                if self.spans and self.spans[-1][0] is adapter and self.spans[-1][2] == start:
-                    self.spans[-1] = (adapter, self.spans[-1][1], start + count)
-                else:
-                    self.spans.append((adapter, start, start + count))
-            start += count
+        self.spans = adapter_spans(row_adapters)
 
     def end_step(self) -> None:
         self.spans = []

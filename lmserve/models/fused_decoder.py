@@ -16,6 +16,7 @@ lands in) and not split for tensor parallelism. When it does not apply, the reas
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -128,11 +129,45 @@ def _unsupported_layout(fused: FusedModel) -> str | None:
     return None
 
 
-def build_fused_decoder(model: nn.Module, engine_config: EngineConfig):
+class FusedDecoder:
+    """The native decoder with the layout it was built from, which maps LoRA adapters onto its
+    projections: an adapter's factors are handed to the native code once, as `LoraFactors`."""
+
+    _PROJECTIONS = ("qkv", "o", "up", "down")
+
+    def __init__(self, native_decoder, fused: FusedModel, ext):
+        self.native = native_decoder
+        self.ext = ext
+        self.projections = [[getattr(layer, name) for name in self._PROJECTIONS] for layer in fused.layers]
+        self._lora: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # adapter -> LoraFactors or None
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, seq_of_row: torch.Tensor,
+                block_tables: torch.Tensor, block_size: int, lora_spans=()) -> torch.Tensor:
+        """Final-normed hidden states [rows, hidden] of the step's new tokens; `lora_spans`:
+        (adapter, first row, end row) for the rows that run an adapter (each `runs_lora`)."""
+        spans = [(self._lora[adapter], start, end) for adapter, start, end in lora_spans]
+        return self.native.forward(token_ids, positions, seq_of_row, block_tables, block_size, spans)
+
+    def runs_lora(self, adapter) -> bool:
+        """Whether every module the adapter changes is a projection of this decoder (not, say, a
+        MoE block's shared expert); its factors go to the native code on first use."""
+        if adapter not in self._lora:
+            keys = {linear.lora_key: (i, j) for i, layer in enumerate(self.projections)
+                    for j, linear in enumerate(layer) if linear is not None}
+            if set(adapter.weights) <= set(keys):
+                factors = [[None] * len(self._PROJECTIONS) for _ in self.projections]
+                for key, pair in adapter.weights.items():
+                    i, j = keys[key]
+                    factors[i][j] = pair
+                self._lora[adapter] = self.ext.LoraFactors(factors)
+            else:
+                self._lora[adapter] = None
+        return self._lora[adapter] is not None
+
+
+def build_fused_decoder(model: nn.Module, engine_config: EngineConfig) -> FusedDecoder | None:
     """The native decoder over the model's weights and bound KV caches, or None (with the reason
-    logged) when the model or configuration needs the PyTorch path. Its `forward(token_ids,
-    positions, seq_of_row, block_tables, block_size)` returns the final-normed hidden states
-    [rows, hidden] of the step's new tokens."""
+    logged) when the model or configuration needs the PyTorch path."""
     ext = native.load()
     reason = "the native extension is unavailable" if ext is None else _unsupported(model, engine_config)
     fused = None
@@ -190,4 +225,4 @@ def build_fused_decoder(model: nn.Module, engine_config: EngineConfig):
             kv_cache=attn.kv_cache, kv_scales=attn.kv_scales))
     logger.info("steps run fused in native code (%d layers, %s KV cache)", len(fused.layers),
                 engine_config.kv_cache_dtype)
-    return decoder
+    return FusedDecoder(decoder, fused, ext)

@@ -17,7 +17,9 @@
 // one sequence (a prompt chunk, speculative proposals) at consecutive positions; each layer stores
 // every row's K/V before any row attends, and a row attends its sequence's positions up to its
 // own, so causality within the new tokens holds. Every row is computed independently of the
-// others (no batch-dependent reduction order on the kernel path).
+// others (no batch-dependent reduction order on the kernel path). LoRA adapters (`LoraFactors`)
+// add their low-rank updates to the projections of the rows that run them: a step passes spans of
+// rows, one per adapter, and each projection adds (x A^T) B^T to its span after the base product.
 #include "block_kernels.h"
 #include "moe_ffn.h"
 
@@ -26,8 +28,11 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <memory>
+#include <optional>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -232,6 +237,48 @@ struct KvCache {
   }
 };
 
+// One LoRA adapter's factors for the decoder's projections: per layer and projection (qkv, o, up,
+// down), A [r, K] and B^T [r, N] fp32 (B already scaled), or none.
+class LoraFactors {
+ public:
+  enum Projection { kQkv = 0, kO = 1, kUp = 2, kDown = 3 };
+
+  struct Pair {
+    torch::Tensor a, bt;
+  };
+
+  // `layers`: per layer a sequence of 4 entries, each (A [r, K], B [N, r]) or None.
+  explicit LoraFactors(const py::list& layers) {
+    for (const auto& layer : layers) {
+      const auto entries = layer.cast<py::list>();
+      TORCH_CHECK(entries.size() == 4, "a layer's LoRA factors are (qkv, o, up, down)");
+      std::array<std::optional<Pair>, 4> pairs;
+      for (int i = 0; i < 4; ++i) {
+        if (entries[i].is_none()) continue;
+        const auto t = entries[i].cast<py::tuple>();
+        const auto a = t[0].cast<torch::Tensor>().to(torch::kFloat32).contiguous();
+        const auto b = t[1].cast<torch::Tensor>().to(torch::kFloat32);
+        TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && b.size(1) == a.size(0), "LoRA factors must be A [r, K], B [N, r]");
+        pairs[i] = Pair{a, b.t().contiguous()};
+      }
+      layers_.push_back(std::move(pairs));
+    }
+  }
+
+  const Pair* get(size_t layer, Projection p) const {
+    const auto& pair = layers_.at(layer)[p];
+    return pair ? &*pair : nullptr;
+  }
+
+  size_t num_layers() const { return layers_.size(); }
+
+ private:
+  std::vector<std::array<std::optional<Pair>, 4>> layers_;
+};
+
+// A step's LoRA rows: rows [start, end) run `adapter`.
+using LoraSpan = std::tuple<std::shared_ptr<LoraFactors>, int64_t, int64_t>;
+
 struct Layer {
   Norm input_norm, post_attention_norm, pre_ffn_norm, post_ffn_norm;  // post_* absent unless the family has them
   torch::Tensor q_norm, k_norm;  // per-head RMSNorm weights, undefined unless the model has them
@@ -331,7 +378,7 @@ class FusedDecoder {
   // belonging to sequence seq_of_row[b], whose cache blocks are block_tables[seq_of_row[b]]
   // (block_size tokens each). A row attends its sequence's positions 0..its own.
   torch::Tensor forward(torch::Tensor token_ids, torch::Tensor positions, torch::Tensor seq_of_row,
-                        torch::Tensor block_tables, int64_t block_size) {
+                        torch::Tensor block_tables, int64_t block_size, std::vector<LoraSpan> lora) {
     TORCH_CHECK(token_ids.scalar_type() == torch::kInt64 && positions.scalar_type() == torch::kInt64 &&
                 seq_of_row.scalar_type() == torch::kInt64 && block_tables.scalar_type() == torch::kInt64);
     token_ids = token_ids.contiguous();
@@ -344,6 +391,10 @@ class FusedDecoder {
     const int64_t* pos = positions.data_ptr<int64_t>();
     const int64_t* seq = seq_of_row.data_ptr<int64_t>();
     map_slots(pos, seq, B, block_tables, block_size);
+    for (const auto& [adapter, start, end] : lora)
+      TORCH_CHECK(adapter && adapter->num_layers() == layers_.size() && 0 <= start && start <= end && end <= B,
+                  "bad LoRA span");
+    lora_ = std::move(lora);
     torch::Tensor hidden = torch::empty({B, D}, torch::kFloat32);
     float* h = hidden.data_ptr<float>();
     embed(token_ids.data_ptr<int64_t>(), pos, B, h);
@@ -353,9 +404,10 @@ class FusedDecoder {
     qkv_.resize(B * qkv_width);
     attn_.resize(B * heads_ * dim_);
     delta_.resize(B * D);
-    for (const Layer& l : layers_) {
+    for (size_t li = 0; li < layers_.size(); ++li) {
+      const Layer& l = layers_[li];
       for (int64_t b = 0; b < B; ++b) l.input_norm.apply(k, h + b * D, D, eps_, &normed_[b * D]);
-      l.qkv.apply(k, gemm_, normed_.data(), B, qkv_.data());
+      project(k, li, LoraFactors::kQkv, l.qkv, normed_.data(), B, qkv_.data());
       for (int64_t b = 0; b < B; ++b) {
         float* row = &qkv_[b * qkv_width];
         position(k, l, row, pos[b]);
@@ -364,13 +416,14 @@ class FusedDecoder {
         l.kv.store(1, slot, row + (heads_ + kv_heads_) * dim_);
       }
       attention(k, l, B, pos, seq);
-      l.o.apply(k, gemm_, attn_.data(), B, delta_.data());
+      project(k, li, LoraFactors::kO, l.o, attn_.data(), B, delta_.data());
       add_residual(k, l.post_attention_norm, B, h);
       for (int64_t b = 0; b < B; ++b) l.pre_ffn_norm.apply(k, h + b * D, D, eps_, &normed_[b * D]);
-      feed_forward(k, l, B);
+      feed_forward(k, li, B);
       add_residual(k, l.post_ffn_norm, B, h);
     }
     for (int64_t b = 0; b < B; ++b) final_norm_.apply(k, h + b * D, D, eps_, h + b * D);
+    lora_.clear();
     return hidden;
   }
 
@@ -453,7 +506,40 @@ class FusedDecoder {
     });
   }
 
-  void feed_forward(const IsaKernels& k, const Layer& l, int64_t B) {
+  // out = x W^T (+ bias), plus each LoRA span's (x A^T) B^T on its rows.
+  void project(const IsaKernels& k, size_t layer, LoraFactors::Projection which, const PackedLinear& linear,
+               const float* x, int64_t rows, float* out) {
+    linear.apply(k, gemm_, x, rows, out);
+    const int64_t K = linear.m.K, N = linear.m.N;
+    for (const auto& [adapter, start, end] : lora_) {
+      const LoraFactors::Pair* pair = adapter->get(layer, which);
+      if (pair == nullptr || start == end) continue;
+      const int64_t r = pair->a.size(0), n_rows = end - start;
+      TORCH_CHECK(pair->a.size(1) == K && pair->bt.size(1) == N, "LoRA factors do not match the layer");
+      const float* a = pair->a.data_ptr<float>();
+      const float* bt = pair->bt.data_ptr<float>();
+      const float* xs = x + start * K;
+      float* ys = out + start * N;
+      lora_t_.resize(n_rows * r);
+      float* t = lora_t_.data();
+      parallel_chunks(n_rows * r, 8, [&](int64_t begin, int64_t stop) {
+        for (int64_t i = begin; i < stop; ++i) t[i] = k.dot(xs + (i / r) * K, a + (i % r) * K, K);
+      });
+      // Columns in chunks, so each chunk of B^T's rows is read once for all the span's rows.
+      parallel_chunks(N, 256, [&](int64_t begin, int64_t stop) {
+        for (int64_t row = 0; row < n_rows; ++row)
+          for (int64_t j = 0; j < r; ++j) {
+            const float tj = t[row * r + j];
+            const float* bj = bt + j * N;
+            float* y = ys + row * N;
+            for (int64_t n = begin; n < stop; ++n) y[n] += tj * bj[n];
+          }
+      });
+    }
+  }
+
+  void feed_forward(const IsaKernels& k, size_t layer, int64_t B) {
+    const Layer& l = layers_[layer];
     if (l.moe) {
       l.moe->apply(k, normed_.data(), B, delta_.data());
       return;
@@ -461,7 +547,7 @@ class FusedDecoder {
     const int64_t inter = l.down.m.K, width = l.up.m.N;
     mlp_.resize(B * width);
     act_.resize(B * inter);
-    l.up.apply(k, gemm_, normed_.data(), B, mlp_.data());
+    project(k, layer, LoraFactors::kUp, l.up, normed_.data(), B, mlp_.data());
     parallel_chunks(B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const float* in = &mlp_[b * width];
@@ -473,7 +559,7 @@ class FusedDecoder {
         }
       }
     });
-    l.down.apply(k, gemm_, act_.data(), B, delta_.data());
+    project(k, layer, LoraFactors::kDown, l.down, act_.data(), B, delta_.data());
   }
 
   // h += delta, normed first by `norm` when the layer has one there.
@@ -496,17 +582,22 @@ class FusedDecoder {
   std::vector<Layer> layers_;
   int64_t widest_window_ = 0;  // the largest sliding window, 0 when some layer sees the whole context
   std::vector<float> normed_, qkv_, attn_, mlp_, act_, delta_;  // per-step scratch, reused
+  std::vector<float> lora_t_;  // x A^T of one LoRA span
   std::vector<int64_t> slots_;
   int64_t span_ = 0;  // positions per sequence in slots_
+  std::vector<LoraSpan> lora_;  // the current step's LoRA rows
 };
 
 }  // namespace
 
 void bind_fused_decoder(pybind11::module& m) {
+  pybind11::class_<LoraFactors, std::shared_ptr<LoraFactors>>(m, "LoraFactors").def(pybind11::init<const py::list&>());
   pybind11::class_<FusedDecoder>(m, "FusedDecoder")
       .def(pybind11::init<const py::dict&>())
       .def("add_layer", &FusedDecoder::add_layer)
-      .def("forward", &FusedDecoder::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+      .def("forward", &FusedDecoder::forward, pybind11::arg("token_ids"), pybind11::arg("positions"),
+           pybind11::arg("seq_of_row"), pybind11::arg("block_tables"), pybind11::arg("block_size"),
+           pybind11::arg("lora") = std::vector<LoraSpan>{}, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 
 }  // namespace lmserve
