@@ -22,11 +22,12 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 PROMPTS = [PROMPT, PROMPT[:7], PROMPT[4:19]]
 
 
-def logits_and_tokens(path, tp, **engine_kwargs):
+def logits_and_tokens(path, tp, check_fused=False, **engine_kwargs):
     """Greedy tokens and the logits of every step for PROMPTS, the long prompt chunked so that
-    prefill chunks and decode tokens share steps."""
+    prefill chunks and decode tokens share steps (`check_fused`: rank 0 runs the fused decoder)."""
     llm = LLM(str(path), dtype="float32", tensor_parallel_size=tp, max_num_batched_tokens=8, **engine_kwargs)
     try:
+        assert not check_fused or llm.engine.runner.fused_decode is not None
         recorder = LogitRecorder(llm.engine.sampler)
         llm.engine.sampler = recorder
         outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
@@ -45,18 +46,34 @@ def test_two_ranks_match_one(kind, tiny_model_factory):
     assert relative <= 1e-5, f"{kind}: logits differ by {relative:.2e} of their largest magnitude"
 
 
+@pytest.mark.parametrize("kind", ["llama_gqa", "qwen3", "gpt2"])
+def test_fused_decoder_per_rank_matches_one_rank(kind, tiny_model_factory):
+    """Packed (int8) weights, so every rank runs its shard in the fused native decoder with the
+    all-reduces called between its layers: greedy tokens equal the whole model's and logits stay
+    within the block kernel's tolerance (a split moves where activations are rounded to int16)."""
+    path, _ = tiny_model_factory(kind)
+    whole_tokens, whole = logits_and_tokens(path, 1, quantization="int8")
+    split_tokens, split = logits_and_tokens(path, 2, quantization="int8", check_fused=True)
+    assert split_tokens == whole_tokens
+    relative = ((split - whole).abs().max() / whole.abs().max()).item()
+    assert relative <= 5e-4, f"{kind}: logits differ by {relative:.2e} of their largest magnitude"
+
+
 def test_smollm2_gguf_split_six_and_three_heads_gives_the_same_chat_replies():
+    """Through the modules and through each rank's fused decoder."""
     questions = [[{"role": "user", "content": "What is the capital of France?"}],
                  [{"role": "user", "content": "Name three rivers."}]]
     params = SamplingParams(max_tokens=24, temperature=0)
     replies = {}
-    for tp in (1, 2):
-        llm = LLM(tensor_parallel_size=tp, kv_cache_memory="64MiB", enforce_eager=True)
+    for tp, eager in ((1, True), (2, True), (2, False)):
+        llm = LLM(tensor_parallel_size=tp, kv_cache_memory="64MiB", enforce_eager=eager)
         try:
-            replies[tp] = [o.outputs[0].text for o in llm.chat(questions, params, use_tqdm=False)]
+            assert (llm.engine.runner.fused_decode is None) == eager
+            replies[tp, eager] = [o.outputs[0].text for o in llm.chat(questions, params, use_tqdm=False)]
         finally:
             llm.engine.close()
-    assert replies[2] == replies[1]
+    assert replies[2, True] == replies[1, True]
+    assert replies[2, False] == replies[1, True]  # each rank's shard in the fused decoder
 
 
 def test_splits_that_cannot_work_are_refused(tiny_model_factory):

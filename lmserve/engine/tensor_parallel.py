@@ -235,7 +235,7 @@ def run_torchrun_worker() -> None:
 def _run_worker(rank: int, size: int, store, parent_alive, own_tracker: bool, shm_name: str | None,
                 checkpoint_path: str, engine_config: EngineConfig, num_blocks: int, num_swap_blocks: int,
                 max_model_len: int, threads: int) -> None:
-    from lmserve.engine.model_builder import build_model
+    from lmserve.engine.model_builder import build_model, fused_decoder_for
     from lmserve.engine.model_runner import ModelRunner
     from lmserve.loader import open_checkpoint
 
@@ -249,7 +249,7 @@ def _run_worker(rank: int, size: int, store, parent_alive, own_tracker: bool, sh
     checkpoint = open_checkpoint(checkpoint_path)
     with parallel.building(group):
         model = build_model(checkpoint, engine_config, max_model_len)
-    runner = ModelRunner(model, checkpoint.config, engine_config, num_blocks)
+    runner = ModelRunner(model, checkpoint.config, engine_config, num_blocks, fused_decoder_for(checkpoint.config))
     if num_swap_blocks:
         runner.allocate_swap_space(num_swap_blocks)
     group.group.barrier().wait()

@@ -8,9 +8,10 @@ Mixture-of-experts blocks run as the extension's `MoeFeedForward` (lmserve/quant
 `build_fused_decoder` hands those weights, norms, rotary tables and KV caches to the decoder once;
 the model runner then sends steps through it instead of the PyTorch modules. It applies only
 where the two paths compute the same thing: every linear layer held by our block kernel, fp32
-activations on the CPU, a KV cache the native attention reads (fp32, bf16, fp16, int8), not in
+activations on the CPU, a KV cache the native attention reads (fp32, bf16, fp16, int8), and not in
 deterministic mode (whose contract is that a token's result does not depend on the step it
-lands in) and not split for tensor parallelism. When it does not apply, the reason is logged.
+lands in). When it does not apply, the reason is logged. A model split for tensor parallelism
+runs one decoder per rank over its shard, which calls the group's all-reduce between layers.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def _rms_weight(norm: RMSNorm) -> torch.Tensor:
 def _linear(linear: Linear) -> tuple:
     packed = linear.packed
     bias = linear.bias.data.float() if linear.bias is not None else None
-    return packed.q, packed.scale, packed.bias, bias, packed.group, packed.bits, packed.out_features
+    row_parallel = linear.reduce_group is not None
+    return packed.q, packed.scale, packed.bias, bias, packed.group, packed.bits, packed.out_features, row_parallel
 
 
 def activation_name(act: nn.Module) -> str | None:
@@ -117,8 +119,6 @@ def _unsupported(model: nn.Module, engine_config: EngineConfig) -> str | None:
 
 
 def _unsupported_layout(fused: FusedModel) -> str | None:
-    if fused.embed.tp.size > 1:
-        return "the model is split for tensor parallelism (the fused decoder runs whole models)"
     linears = [m for layer in fused.layers for m in (layer.qkv, layer.o, layer.up, layer.down) if m is not None]
     if not all(isinstance(m.packed, BlockWeight) for m in linears):
         return "not every linear layer is block-quantized"
@@ -187,7 +187,10 @@ def build_fused_decoder(model: nn.Module, engine_config: EngineConfig) -> FusedD
                        head_dim=first.attention.head_dim, eps=cfg.rms_norm_eps,
                        embed_scale=float(torch.tensor(fused.embed_scale, dtype=torch.float32)),
                        final_norm=_norm(fused.final_norm), kernel_max_rows=first.qkv.packed.kernel_max_rows,
-                       gemm_bf16=first.qkv.packed.gemm_dtype == torch.bfloat16)
+                       gemm_bf16=first.qkv.packed.gemm_dtype == torch.bfloat16,
+                       # under tensor parallelism: this rank's first token id, and the sum across ranks
+                       vocab_start=fused.embed.rows.start,
+                       all_reduce=fused.embed.tp.all_reduce if fused.embed.tp.size > 1 else None)
     table = fused.embed.packed
     if table is not None:
         description["embed_packed"] = (table.q, table.scale, table.bias, table.group, table.bits, table.out_features)

@@ -20,6 +20,10 @@
 // others (no batch-dependent reduction order on the kernel path). LoRA adapters (`LoraFactors`)
 // add their low-rank updates to the projections of the rows that run them: a step passes spans of
 // rows, one per adapter, and each projection adds (x A^T) B^T to its span after the base product.
+// Under tensor parallelism each rank's decoder holds its shard (its heads, its slice of the MLP,
+// its rows of the token table) and calls back into Python for the all-reduces the modules run:
+// after the embedding lookup and after each row-parallel projection (o, down), whose bias is
+// added once, after the sum.
 #include "block_kernels.h"
 #include "moe_ffn.h"
 
@@ -103,14 +107,16 @@ struct GemmPolicy {
 };
 
 struct PackedLinear {
-  torch::Tensor q, scale, offset, bias;  // bias: added after the matmul, or undefined
+  torch::Tensor q, scale, offset, bias;  // bias: added after the matmul (after the all-reduce), or undefined
   BlockMatrix m{};
+  bool row_parallel = false;  // its outputs are partial sums, to be all-reduced across ranks
 
-  // A description tuple (q, scale, offset, bias or None, group, bits, rows).
+  // A description tuple (q, scale, offset, bias or None, group, bits, rows, row_parallel).
   static PackedLinear from(const py::dict& d, const char* key) {
     PackedLinear l;
     const auto t = d[key].cast<py::tuple>();
-    TORCH_CHECK(t.size() == 7, key, " must be (q, scale, offset, bias, group, bits, rows)");
+    TORCH_CHECK(t.size() == 8, key, " must be (q, scale, offset, bias, group, bits, rows, row_parallel)");
+    l.row_parallel = t[7].cast<bool>();
     l.q = t[0].cast<torch::Tensor>();
     l.scale = t[1].cast<torch::Tensor>();
     l.offset = t[2].cast<torch::Tensor>();
@@ -120,12 +126,16 @@ struct PackedLinear {
     return l;
   }
 
-  void apply(const IsaKernels& k, const GemmPolicy& gemm, const float* x, int64_t rows, float* out) const {
+  // out = x W^T, without the bias.
+  void multiply(const IsaKernels& k, const GemmPolicy& gemm, const float* x, int64_t rows, float* out) const {
     if (rows <= gemm.kernel_max_rows) {
       k.matmul(x, rows, m, out);
     } else {
       slab_gemm(gemm, x, rows, out);
     }
+  }
+
+  void add_bias(int64_t rows, float* out) const {
     if (!bias.defined()) return;
     const float* b = bias.data_ptr<float>();
     for (int64_t r = 0; r < rows; ++r)
@@ -304,14 +314,17 @@ void rotate(float* x, const float* cos, const float* sin, int64_t rotary_dim) {
 
 class FusedDecoder {
  public:
-  // `model`: heads, kv_heads, head_dim, eps; the token table as `embed` (dense fp32 [V, hidden])
-  // or `embed_packed` (q, scale, offset, group, bits, rows); `embed_scale`; optionally
+  // `model`: heads, kv_heads, head_dim, eps; the token table (this rank's rows of it, from token id
+  // `vocab_start`) as `embed` (dense fp32 [V, hidden]) or `embed_packed` (q, scale, offset, group,
+  // bits, rows); `all_reduce` (a Python function summing a tensor across the ranks in place, or
+  // None without tensor parallelism); `embed_scale`; optionally
   // `position_table` (learned positions, dense fp32 [P, hidden]); `final_norm`; and the GEMM
   // policy `kernel_max_rows`, `gemm_bf16`.
   explicit FusedDecoder(const py::dict& model)
       : heads_(model["heads"].cast<int64_t>()), kv_heads_(model["kv_heads"].cast<int64_t>()),
         dim_(model["head_dim"].cast<int64_t>()), eps_(model["eps"].cast<double>()),
-        embed_scale_(model["embed_scale"].cast<float>()) {
+        embed_scale_(model["embed_scale"].cast<float>()), vocab_start_(model["vocab_start"].cast<int64_t>()) {
+    if (!model["all_reduce"].is_none()) all_reduce_ = model["all_reduce"].cast<py::function>();
     TORCH_CHECK(heads_ % kv_heads_ == 0, "query heads must be a multiple of KV heads");
     gemm_.kernel_max_rows = model["kernel_max_rows"].cast<int64_t>();
     gemm_.bf16 = model["gemm_bf16"].cast<bool>();
@@ -458,15 +471,18 @@ class FusedDecoder {
     }
   }
 
-  // The token table's rows for `ids` (each checked in range), scaled, plus learned positions.
-  void embed(const int64_t* ids, const int64_t* pos, int64_t B, float* out) const {
-    if (embed_.size() == 3) {
-      avx2::gather_rows(packed_embed_, ids, B, out);
+  // The token table's rows for `ids`, scaled, plus learned positions. Under tensor parallelism a
+  // rank writes zeros for the ids another rank holds and the ranks' rows are summed.
+  void embed(const int64_t* ids, const int64_t* pos, int64_t B, float* out) {
+    if (!all_reduce_) {
+      gather(ids, B, out);
     } else {
-      for (int64_t b = 0; b < B; ++b) {
-        TORCH_CHECK(ids[b] >= 0 && ids[b] < vocab_, "token id ", ids[b], " out of range");
-        std::copy_n(embed_[0].data_ptr<float>() + ids[b] * hidden_, hidden_, out + b * hidden_);
-      }
+      std::vector<int64_t> local(B);
+      for (int64_t b = 0; b < B; ++b) local[b] = ids[b] - vocab_start_;
+      std::fill_n(out, B * hidden_, 0.0f);
+      for (int64_t b = 0; b < B; ++b)
+        if (local[b] >= 0 && local[b] < vocab_) gather(&local[b], 1, out + b * hidden_);
+      reduce(out, B * hidden_);
     }
     if (embed_scale_ != 1.0f)
       for (int64_t i = 0; i < B * hidden_; ++i) out[i] *= embed_scale_;
@@ -475,6 +491,26 @@ class FusedDecoder {
       for (int64_t b = 0; b < B; ++b)
         for (int64_t i = 0; i < hidden_; ++i) out[b * hidden_ + i] += table[pos[b] * hidden_ + i];
     }
+  }
+
+  // Rows `ids` of the token table into out (each checked in range).
+  void gather(const int64_t* ids, int64_t B, float* out) const {
+    if (embed_.size() == 3) {
+      avx2::gather_rows(packed_embed_, ids, B, out);
+      return;
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(ids[b] >= 0 && ids[b] < vocab_, "token id ", ids[b], " out of range");
+      std::copy_n(embed_[0].data_ptr<float>() + ids[b] * hidden_, hidden_, out + b * hidden_);
+    }
+  }
+
+  // values [n] summed across the ranks, in place (through the Python group's all_reduce).
+  void reduce(float* values, int64_t n) {
+    py::gil_scoped_acquire gil;
+    torch::Tensor t = torch::from_blob(values, {n}, torch::kFloat32);
+    torch::Tensor summed = all_reduce_(t).cast<torch::Tensor>();
+    if (summed.data_ptr() != t.data_ptr()) t.copy_(summed);
   }
 
   // q/k norms and rotary on one token's q and k heads.
@@ -506,11 +542,14 @@ class FusedDecoder {
     });
   }
 
-  // out = x W^T (+ bias), plus each LoRA span's (x A^T) B^T on its rows.
+  // out = x W^T (summed across the ranks for a row-parallel projection) + bias, plus each LoRA
+  // span's (x A^T) B^T on its rows.
   void project(const IsaKernels& k, size_t layer, LoraFactors::Projection which, const PackedLinear& linear,
                const float* x, int64_t rows, float* out) {
-    linear.apply(k, gemm_, x, rows, out);
+    linear.multiply(k, gemm_, x, rows, out);
     const int64_t K = linear.m.K, N = linear.m.N;
+    if (linear.row_parallel && all_reduce_) reduce(out, rows * N);
+    linear.add_bias(rows, out);
     for (const auto& [adapter, start, end] : lora_) {
       const LoraFactors::Pair* pair = adapter->get(layer, which);
       if (pair == nullptr || start == end) continue;
@@ -573,6 +612,8 @@ class FusedDecoder {
   int64_t heads_, kv_heads_, dim_;
   double eps_;
   float embed_scale_;
+  int64_t vocab_start_;  // the first token id of this rank's rows of the table
+  py::function all_reduce_;  // null without tensor parallelism
   GemmPolicy gemm_;
   std::vector<torch::Tensor> embed_;  // kept alive for packed_embed_ / the dense table
   BlockMatrix packed_embed_{};
