@@ -7,6 +7,8 @@ the engine take every kind of step: single-token decode steps, multi-token steps
 speculative verification) and mixed batches, under preemption, copy-on-write forks and prefix-cache
 hits."""
 
+import copy
+
 import pytest
 import torch
 
@@ -182,7 +184,8 @@ def test_fused_decoder_is_off_where_it_does_not_apply(tiny_model_factory, caplog
 def test_packed_gemma3_greedy_tokens_equal_transformers(tiny_model_factory):
     """The fused path against the reference: transformers on the weights our int8 packing holds
     (each projection dequantized back into the transformers model)."""
-    directory, hf_model = tiny_model_factory("gemma3")
+    directory, shared_model = tiny_model_factory("gemma3")
+    hf_model = copy.deepcopy(shared_model)  # the factory's model serves other tests: keep it intact
     llm = _llm(directory)
     assert llm.engine.runner.fused_decode is not None
     with torch.no_grad():
