@@ -257,6 +257,28 @@ def test_cli_quantizes_qwen3_moe_directory(tmp_path):
     assert_greedy_matches(llm, hf_model, logit_tolerance=1e-3)
 
 
+def test_fused_expert_checkpoint_names_write_the_same_file(tiny_model_factory, tmp_path):
+    """transformers v5's in-memory names (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj`)
+    are stacked as save_pretrained's one tensor per expert are."""
+    from safetensors.torch import save_file
+
+    source, hf_model = tiny_model_factory("qwen3_moe")
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    state = {name: t.contiguous() for name, t in hf_model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, str(fused / "model.safetensors"))
+    shutil.copy(source / "config.json", fused)
+    per_expert = shutil.copytree(source, tmp_path / "per_expert")
+    files = []
+    for directory in (per_expert, fused):
+        save_tokenizer(directory, 320)
+        files.append(tmp_path / f"{directory.name}.gguf")
+        quantize_model(directory, files[-1], "q8_0")
+    written = [{t.name: t.data.tobytes() for t in gguf.GGUFReader(str(f)).tensors} for f in files]
+    assert "blk.1.ffn_up_exps.weight" in written[0] and written[0] == written[1]
+
+
 def test_moe_that_llama_cpp_would_compute_differently_is_refused(tiny_model_factory, tmp_path):
     """llama.cpp's qwen3moe graph always renormalises the top-k weights."""
     source, _ = tiny_model_factory("qwen3_moe")
