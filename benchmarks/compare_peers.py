@@ -3,16 +3,20 @@
 One run measures, for each engine in its own process (so peak RSS is its own):
 load time, prefill tokens/s (one 512-token prompt), decode tokens/s at batch 1 (128 tokens),
 aggregate decode tokens/s with 4 and 16 parallel sequences (32-token prompts, 128 tokens each),
-peak RSS, and the achieved weight bandwidth (weight bytes read per decode step x steps/s)
-against this machine's measured copy bandwidth. Then the quality report: perplexity on the same
-text in llama.cpp's windows, and KL divergence / top-1 agreement against the same weights in
-fp32, for lmserve's packed path and for llama.cpp.
+peak RSS, and the achieved weight bandwidth (weight bytes read per decode step x steps/s; of a
+mixture of experts, only the top-k experts a token uses) against this machine's measured copy
+bandwidth. Then the quality report: perplexity on the same text in llama.cpp's windows, and KL
+divergence / top-1 agreement against the same weights in fp32, for lmserve's packed path and for
+llama.cpp.
 
 llama.cpp runs its own tools (llama-bench, llama-batched-bench, llama-perplexity) built by
 benchmarks/build_llamacpp.sh; transformers loads the GGUF dequantized (fp32 and bf16).
 
     .venv/bin/python benchmarks/compare_peers.py --threads 2            # everything (~15 min)
     .venv/bin/python benchmarks/compare_peers.py --skip-transformers --skip-quality
+    .venv/bin/python benchmarks/compare_peers.py --model FILE.gguf --skip-transformers --skip-quality
+
+A mixture-of-experts file both engines run: benchmarks/make_moe_gguf.py.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's lmserve, not whichever one the interpreter has installed
 PROMPT_TOKENS, DECODE_TOKENS, PARALLEL_PROMPT, PARALLEL = 512, 128, 32, (4, 16)
 
 
@@ -70,11 +75,23 @@ def worker_lmserve(args) -> dict:
         first = timed(prompts, 1)
         batched[n] = n * (DECODE_TOKENS - 1) / min(timed(prompts, DECODE_TOKENS) - first for _ in range(2))
     model = llm.engine.model
-    step_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
-                     if t.dim() >= 2) - _embedding_table_bytes(model)
+    step_bytes = _matrix_bytes(model) - _embedding_table_bytes(model) - _idle_expert_bytes(model)
     return dict(load_s=load, prefill=PROMPT_TOKENS / prefill, decode_b1=decode_b1,
                 **{f"decode_x{n}": v for n, v in batched.items()}, rss_mib=_peak_rss_mib(),
                 weight_bytes_per_token=step_bytes, threads=torch.get_num_threads())
+
+
+def _matrix_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())
+               if t.dim() >= 2)
+
+
+def _idle_expert_bytes(model) -> int:
+    """A decode step at batch 1 reads only the top-k experts of each mixture-of-experts layer."""
+    from lmserve.layers.moe import SparseMoeBlock
+
+    return sum(_matrix_bytes(block.experts) * (block.experts.num_experts - block.top_k) // block.experts.num_experts
+               for block in model.modules() if isinstance(block, SparseMoeBlock))
 
 
 def _embedding_table_bytes(model) -> int:
@@ -206,6 +223,13 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() / best / 1e9  # read + write
 
 
+def worker_bandwidth(args) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count())  # the machine's bandwidth, whatever --threads the engines get
+    return {"copy_gbs": copy_bandwidth_gbs()}
+
+
 def _worker(kind: str, args, extra: list[str] = ()) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--threads", str(args.threads),
            *extra]
@@ -243,14 +267,17 @@ def main() -> None:
         from lmserve.default_model import DEFAULT_MODEL, resolve_embedded
         args.model = resolve_embedded(DEFAULT_MODEL)
     if args.worker:
-        workers = {"lmserve": worker_lmserve, "transformers": worker_transformers, "quality": worker_quality}
+        workers = {"lmserve": worker_lmserve, "transformers": worker_transformers, "quality": worker_quality,
+                   "bandwidth": worker_bandwidth}
         print(json.dumps(workers[args.worker](args)))
         return
 
     import platform
 
     results: dict[str, dict] = {}
-    bandwidth = copy_bandwidth_gbs()
+    # In a worker too: a child's peak RSS starts from this process's at the fork, so this one
+    # stays small (no PyTorch, no copy buffers) for the engines' peaks to be their own.
+    bandwidth = _worker("bandwidth", args)["copy_gbs"]
     print(f"model {args.model}, {args.threads} threads, {platform.processor() or platform.machine()}, "
           f"copy bandwidth {bandwidth:.1f} GB/s", flush=True)
     results["lmserve"] = _worker("lmserve", args)

@@ -105,7 +105,7 @@ def _moe_blocks(llm: LLM) -> list[SparseMoeBlock]:
     return [m for m in llm.engine.model.modules() if isinstance(m, SparseMoeBlock)]
 
 
-def _assert_greedy_matches(llm: LLM, hf_model, logit_tolerance: float) -> None:
+def assert_greedy_matches(llm: LLM, hf_model, logit_tolerance: float) -> None:
     """32 greedy tokens equal to transformers' argmax given the same prefix; the logits of the
     prefill and 16 decode steps within `logit_tolerance` (the packed kernels round activations to
     int16 per group: 1-3e-4 measured on these models)."""
@@ -120,7 +120,7 @@ def _assert_greedy_matches(llm: LLM, hf_model, logit_tolerance: float) -> None:
     assert generated == reference[n - 1 : n + 31].argmax(-1).tolist()
 
 
-def _assert_blocks_packed_and_native(llm: LLM) -> None:
+def assert_blocks_packed_and_native(llm: LLM) -> None:
     """Every MoE block's experts are block-packed with no dense expert tensor left, and its
     native form gives the module's output."""
     blocks = _moe_blocks(llm)
@@ -152,8 +152,8 @@ def test_experts_quantized_at_load_match_transformers(kind, mode, tmp_path):
     hf_model = build_tiny_model(kind, tmp_path)
     _dequantize_like_lmserve(hf_model, mode)
     llm = LLM(str(tmp_path), dtype="float32", quantization=mode, max_num_batched_tokens=64)
-    _assert_blocks_packed_and_native(llm)
-    _assert_greedy_matches(llm, hf_model, logit_tolerance=1e-3)
+    assert_blocks_packed_and_native(llm)
+    assert_greedy_matches(llm, hf_model, logit_tolerance=1e-3)
 
 
 @pytest.mark.parametrize("kind, linear_type", [("mixtral", Q.Q8_0), ("qwen2_moe", Q.Q4_1), ("qwen3_moe", Q.Q4_0)])
@@ -165,10 +165,10 @@ def test_gguf_experts_load_packed_and_match_transformers(kind, linear_type, tmp_
     path = tmp_path / f"{kind}.gguf"
     write_gguf(hf_model, path, GGUF_ARCH[kind], linear_type)  # hf_model now holds the dequantized weights
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=64)
-    _assert_blocks_packed_and_native(llm)
+    assert_blocks_packed_and_native(llm)
     for block in _moe_blocks(llm):
         assert block.gate.packed is None
-    _assert_greedy_matches(llm, hf_model, logit_tolerance=1e-3)
+    assert_greedy_matches(llm, hf_model, logit_tolerance=1e-3)
 
 
 def test_packed_experts_split_over_two_ranks_match_one(tmp_path):

@@ -1,7 +1,12 @@
 """`lmserve quantize`: the Q4_K packing against gguf-py's dequantizer, GGUF and Hugging Face input
 written in each type (bytes equal to gguf-py's own quantizer where it has one, values within each
 format's quantization error), the written files loading in lmserve with the logits of transformers
-on the same dequantized weights, and greedy agreement of quantized tiny models with the original."""
+on the same dequantized weights, and greedy agreement of quantized tiny models with the original;
+a Qwen3-MoE directory written as llama.cpp's qwen3moe file (stacked experts, F32 router) that
+lmserve runs with its experts packed in the fused decoder."""
+
+import json
+import shutil
 
 import gguf
 import numpy as np
@@ -13,9 +18,11 @@ from lmserve import LLM, SamplingParams
 from lmserve.entrypoints.cli import main
 from lmserve.errors import LmserveError
 from lmserve.loader.gguf import hf_tensor_name
+from lmserve.quant import native
 from lmserve.quant.gguf_writer import QUANT_TYPE_NAMES, quantize_model, quantize_q4_k, storage_type
 from tests.test_gguf_loader import write_gguf
-from tests.tiny_models import COMMON
+from tests.test_moe_native import assert_blocks_packed_and_native, assert_greedy_matches
+from tests.tiny_models import COMMON, build_tiny_model
 from tests.tiny_tokenizer import SAMPLE_TEXT, save_tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -69,6 +76,7 @@ def test_rows_that_do_not_fit_the_block_fall_back():
     assert storage_type("t", (64, 96), Q.Q4_K) == Q.Q5_0  # as llama.cpp falls back
     assert storage_type("t", (64, 100), Q.Q4_0) == Q.F16
     assert storage_type("t", (256,), Q.Q4_K) == Q.F32
+    assert storage_type("blk.0.ffn_gate_inp.weight", (8, 256), Q.Q4_K) == Q.F32  # a router, as llama.cpp keeps it
 
 
 def _wide_llama(directory, **overrides):
@@ -87,17 +95,33 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _transformers_tensor(state: dict, name: str) -> torch.Tensor:
+    """The part of a transformers state dict that the tensor with HF name `name` fills: stacked
+    experts go to the fused `experts.gate_up_proj` (gate rows, then up) and `experts.down_proj`."""
+    prefix, _, proj = name.removesuffix(".weight").rpartition(".")
+    if not prefix.endswith(".experts"):
+        return state[name]
+    if proj == "down_proj":
+        return state[f"{prefix}.down_proj"]
+    fused = state[f"{prefix}.gate_up_proj"]
+    half = fused.shape[1] // 2
+    return fused[:, :half] if proj == "gate_proj" else fused[:, half:]
+
+
 def _load_into_transformers(hf_model, path):
     """Set `hf_model`'s weights to the dequantized tensors of the GGUF file at `path`."""
     cfg = hf_model.config
     state = hf_model.state_dict()
-    for tensor in gguf.GGUFReader(str(path)).tensors:
+    reader = gguf.GGUFReader(str(path))
+    interleaved = reader.fields["general.architecture"].contents() == "llama"
+    for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
-        w = dequantize(tensor.data, tensor.tensor_type).reshape(state[name].shape)
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
+        target = _transformers_tensor(state, name)
+        w = dequantize(tensor.data, tensor.tensor_type).reshape(target.shape)
+        if interleaved and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = _unpermute(w, cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads)
         with torch.no_grad():
-            state[name].copy_(torch.from_numpy(np.array(w)))
+            target.copy_(torch.from_numpy(np.array(w)))
     return hf_model
 
 
@@ -202,6 +226,69 @@ def test_cli_quantizes_hf_directory(tied, tmp_path, capsys):
     expected = Tokenizer.from_file(str(directory / "tokenizer.json")).encode(SAMPLE_TEXT[:300]).ids
     assert llm.tokenizer.encode(SAMPLE_TEXT[:300]) == expected
     assert llm.tokenizer.eos_token_id == 0
+
+
+@pytest.mark.skipif(native.load() is None, reason="the C++ extension did not build here")
+def test_cli_quantizes_qwen3_moe_directory(tmp_path):
+    """llama.cpp's qwen3moe file: expert metadata, each layer's experts stacked [E, rows, cols] in
+    the chosen type, the router F32. It loads with the logits of transformers on the dequantized
+    weights, and by default with its experts packed in the fused decoder, greedy tokens unchanged."""
+    directory = tmp_path / "hf"
+    hf_model = build_tiny_model("qwen3_moe", directory)  # 4 experts, top 2, 32 wide; hidden 64
+    save_tokenizer(directory, 320)
+    out = tmp_path / "q8.gguf"
+    assert main(["quantize", str(directory), str(out), "--type", "q8_0"]) == 0
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["general.architecture"].contents() == "qwen3moe"
+    assert {key: reader.fields[f"qwen3moe.{key}"].contents() for key in
+            ("expert_count", "expert_used_count", "expert_feed_forward_length")} == \
+        {"expert_count": 4, "expert_used_count": 2, "expert_feed_forward_length": 32}
+    tensors = {t.name: t for t in reader.tensors}
+    for layer in range(2):
+        assert tensors[f"blk.{layer}.ffn_gate_inp.weight"].tensor_type == Q.F32
+        assert tensors[f"blk.{layer}.attn_q_norm.weight"].tensor_type == Q.F32
+        for kind, rows, cols in (("gate", 32, 64), ("up", 32, 64), ("down", 64, 32)):
+            stacked = tensors[f"blk.{layer}.ffn_{kind}_exps.weight"]
+            assert stacked.tensor_type == Q.Q8_0 and stacked.shape.tolist() == [cols, rows, 4]  # innermost first
+    _assert_logits_match(out, _load_into_transformers(hf_model, out))
+    llm = LLM(str(out), dtype="float32", max_num_batched_tokens=64)
+    assert llm.engine.runner.fused_decode is not None
+    assert_blocks_packed_and_native(llm)
+    assert_greedy_matches(llm, hf_model, logit_tolerance=1e-3)
+
+
+def test_fused_expert_checkpoint_names_write_the_same_file(tiny_model_factory, tmp_path):
+    """transformers v5's in-memory names (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj`)
+    are stacked as save_pretrained's one tensor per expert are."""
+    from safetensors.torch import save_file
+
+    source, hf_model = tiny_model_factory("qwen3_moe")
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    state = {name: t.contiguous() for name, t in hf_model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, str(fused / "model.safetensors"))
+    shutil.copy(source / "config.json", fused)
+    per_expert = shutil.copytree(source, tmp_path / "per_expert")
+    files = []
+    for directory in (per_expert, fused):
+        save_tokenizer(directory, 320)
+        files.append(tmp_path / f"{directory.name}.gguf")
+        quantize_model(directory, files[-1], "q8_0")
+    written = [{t.name: t.data.tobytes() for t in gguf.GGUFReader(str(f)).tensors} for f in files]
+    assert "blk.1.ffn_up_exps.weight" in written[0] and written[0] == written[1]
+
+
+def test_moe_that_llama_cpp_would_compute_differently_is_refused(tiny_model_factory, tmp_path):
+    """llama.cpp's qwen3moe graph always renormalises the top-k weights."""
+    source, _ = tiny_model_factory("qwen3_moe")
+    directory = shutil.copytree(source, tmp_path / "hf")
+    save_tokenizer(directory, 320)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "norm_topk_prob": False}))
+    with pytest.raises(LmserveError, match="norm_topk_prob"):
+        quantize_model(directory, tmp_path / "out.gguf", "q8_0")
+    assert not (tmp_path / "out.gguf").exists()
 
 
 def test_hf_directory_without_tokenizer_is_refused(tiny_model_factory, tmp_path):

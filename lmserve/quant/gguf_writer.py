@@ -3,10 +3,11 @@
 The input is a GGUF file (its metadata is copied as is) or a Hugging Face safetensors directory
 of a family whose descriptor names a `quantize_gguf_arch` (metadata built from the config and
 tokenizer the way llama.cpp's converter writes it: llama.cpp tensor names, Llama q/k rows permuted
-to llama.cpp's interleaved rotary layout, byte-level BPE vocabulary). Tensors of two or more
-dimensions are quantized along their rows; 1-D tensors (norms, biases) are stored F32. A matrix
-whose rows do not divide into the type's blocks falls back as llama.cpp's quantize does (Q4_K to
-Q5_0 for rows a multiple of 32), else to F16, with a log line.
+to llama.cpp's interleaved rotary layout, a mixture of experts' projections stacked [E, rows, cols]
+per layer, byte-level BPE vocabulary). Tensors of two or more dimensions are quantized along their
+rows; 1-D tensors (norms, biases) and MoE routers are stored F32, as llama.cpp's quantize keeps
+them. A matrix whose rows do not divide into the type's blocks falls back as llama.cpp's quantize
+does (Q4_K to Q5_0 for rows a multiple of 32), else to F16, with a log line.
 
 gguf-py quantizes Q8_0, Q4_0, Q4_1 and Q5_0; it has no Q4_K quantizer, so :func:`quantize_q4_k`
 implements one (a per-sub-block min/max fit).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -96,10 +98,11 @@ _FALLBACK = {gguf.GGMLQuantizationType.Q4_K: gguf.GGMLQuantizationType.Q5_0}
 
 
 def storage_type(name: str, shape: tuple[int, ...], qtype):
-    """The type a tensor is written in: F32 for 1-D tensors, else `qtype` when its rows divide
-    into the type's blocks, else llama.cpp's fallback (Q5_0 for Q4_K), else F16."""
+    """The type a tensor is written in: F32 for 1-D tensors and MoE routers (`ffn_gate_inp`),
+    else `qtype` when its rows divide into the type's blocks, else llama.cpp's fallback (Q5_0 for
+    Q4_K), else F16."""
     Q = gguf.GGMLQuantizationType
-    if len(shape) < 2:
+    if len(shape) < 2 or name.endswith("ffn_gate_inp.weight"):
         return Q.F32
     row = shape[-1]
     for candidate in (qtype, _FALLBACK.get(qtype)):
@@ -182,6 +185,8 @@ def _hf_source(directory: Path) -> _Source:
     if scaling not in (None, "default", "linear", "yarn"):
         raise ModelLoadError(directory, f"quantize cannot write {scaling!r} rope scaling from a Hugging Face "
                                         f"directory; {_CONVERT_HINT}")
+    if cfg.num_experts:
+        _check_moe_graph(cfg, arch, directory)
     tokenizer_meta = _byte_level_vocab(directory, cfg.vocab_size)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_layers)
     rope_heads = ({"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
@@ -200,6 +205,10 @@ def _hf_source(directory: Path) -> _Source:
             add(value)
         if cfg.sliding_window:
             writer.add_sliding_window(cfg.sliding_window)
+        if cfg.num_experts:
+            writer.add_expert_count(cfg.num_experts)
+            writer.add_expert_used_count(cfg.num_experts_per_tok)
+            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         if scaling in ("linear", "yarn"):
             writer.add_rope_scaling_type(gguf.RopeScalingType[scaling.upper()])
             writer.add_rope_scaling_factor(cfg.rope_scaling["factor"])
@@ -207,21 +216,73 @@ def _hf_source(directory: Path) -> _Source:
                 writer.add_rope_scaling_orig_ctx_len(cfg.rope_scaling["original_max_position_embeddings"])
         tokenizer_meta(writer)
 
-    def tensors():
+    def arrays():
         for hf_name, tensor in checkpoint.tensors():
             if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # llama.cpp reuses token_embd for a tied head
+            yield hf_name, tensor.float().numpy()
+
+    def tensors():
+        for hf_name, array in _stacked_experts(arrays(), cfg.num_experts, directory):
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
                 logger.info("%s: not a tensor llama.cpp uses; skipped", hf_name)
                 continue
-            array = tensor.float().numpy()
             proj = hf_name.split(".")[-2]
             if proj in rope_heads:
                 array = _permute_rope(array, rope_heads[proj])
             yield name, array
 
     return _Source(arch, write_metadata, tensors)
+
+
+def _check_moe_graph(cfg, arch: str, directory: Path) -> None:
+    """Refuse a mixture of experts that llama.cpp's graph for `arch` would compute differently:
+    its qwen3moe graph has a router in every layer, no shared expert, and always renormalises the
+    top-k routing weights."""
+    differences = [what for what, present in (
+        ("dense layers (mlp_only_layers, decoder_sparse_step)",
+         not all(cfg.is_moe_layer(layer) for layer in range(cfg.num_layers))),
+        ("a shared expert", cfg.shared_expert_intermediate_size),
+        ("top-k weights that are not renormalised (norm_topk_prob false)", not cfg.norm_topk_prob)) if present]
+    if differences:
+        raise ModelLoadError(directory, f"llama.cpp's {arch} graph cannot run this mixture of experts: it has "
+                                        f"{', '.join(differences)}")
+
+
+_PER_EXPERT = re.compile(r"^(.+\.experts)\.(\d+)\.(\w+)\.weight$")
+
+
+def _stacked_experts(arrays: Iterator[tuple[str, np.ndarray]], num_experts: int,
+                     directory: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) pairs of a checkpoint with each layer's experts as llama.cpp stores them,
+    `<layer>.mlp.experts.<proj>.weight` [E, rows, cols]: stacked from one tensor per expert
+    (`experts.<e>.<proj>.weight`, as save_pretrained writes them), or transformers v5's fused
+    `experts.gate_up_proj` [E, 2 * I, H] split into gate and up. Other tensors pass through."""
+    pending: dict[str, dict[int, np.ndarray]] = {}
+    for name, array in arrays:
+        if match := _PER_EXPERT.match(name):
+            prefix, expert, proj = match[1], int(match[2]), match[3]
+            if expert >= num_experts:
+                raise ModelLoadError(directory, f"{name}: expert {expert} of a model with {num_experts}")
+            stacked = f"{prefix}.{proj}.weight"
+            parts = pending.setdefault(stacked, {})
+            parts[expert] = array
+            if len(parts) == num_experts:
+                yield stacked, np.stack([parts[e] for e in range(num_experts)])
+                del pending[stacked]
+        elif name.endswith(".experts.gate_up_proj"):
+            prefix = name.removesuffix("gate_up_proj")
+            gate, up = np.split(array, 2, axis=1)
+            yield f"{prefix}gate_proj.weight", gate
+            yield f"{prefix}up_proj.weight", up
+        elif name.endswith(".experts.down_proj"):
+            yield f"{name}.weight", array
+        else:
+            yield name, array
+    if pending:
+        missing = {name: num_experts - len(parts) for name, parts in pending.items()}
+        raise ModelLoadError(directory, f"experts missing from the checkpoint: {missing}")
 
 
 def _byte_level_vocab(directory: Path, vocab_size: int) -> Callable:

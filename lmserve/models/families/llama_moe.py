@@ -37,6 +37,6 @@ FAMILIES = [
     llama_family("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2moe", model_class_path=_MODEL_CLASS,
                  config_from_hf=_qwen2_moe_from_hf),
     llama_family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3moe", model_class_path=_MODEL_CLASS,
-                 config_from_hf=lambda cfg: {**_qwen_moe_from_hf(cfg), **attention_bias(cfg), "qk_norm": True},
+                 quantize_gguf_arch="qwen3moe", config_from_hf=lambda cfg: {**_qwen_moe_from_hf(cfg), **attention_bias(cfg), "qk_norm": True},
                  gguf_metadata_defaults={"expert_weights_norm": True}),  # llama.cpp's graph renormalises
 ]
