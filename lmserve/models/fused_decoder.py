@@ -162,6 +162,8 @@ class FusedDecoder:
                 self._lora[adapter] = self.ext.LoraFactors(factors)
             else:
                 self._lora[adapter] = None
+                logger.info("steps with LoRA adapter %r run through PyTorch modules: it changes modules the fused "
+                            "decoder does not hold (%s)", adapter.name, ", ".join(sorted(set(adapter.weights) - set(keys))))
         return self._lora[adapter] is not None
 
 
