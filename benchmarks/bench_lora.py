@@ -1,9 +1,8 @@
 """What serving LoRA adapters costs: 16 concurrent greedy requests on the embedded SmolLM2, as
 the base model alone and as a batch mixing 4 random rank-16 adapters (4 requests each, every
-linear projection targeted), one engine in one process, variants alternating, median of
-`--repeats`. A third row runs the base model through the PyTorch modules (`enforce_eager`), the
-path a step with adapter rows takes, to split the cost into leaving the fused decoder and the
-low-rank matmuls themselves.
+linear projection targeted), in the fused native decoder (which applies the adapters itself) and
+through the PyTorch modules (`enforce_eager`), one process, variants alternating, median of
+`--repeats`.
 
     .venv/bin/python benchmarks/bench_lora.py [--threads 2] [--batch 16] [--max-tokens 64] [--repeats 3]
 """
@@ -45,7 +44,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
     llm = LLM(threads=args.threads, kv_cache_memory="256MiB", enable_lora=True)
-    eager = LLM(threads=args.threads, kv_cache_memory="256MiB", enforce_eager=True)
+    eager = LLM(threads=args.threads, kv_cache_memory="256MiB", enable_lora=True, enforce_eager=True)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     with tempfile.TemporaryDirectory() as root:
         adapters = [LoRARequest(f"a{i}", i + 1, write_random_adapter(Path(root) / f"a{i}", llm.engine.model_config,
@@ -54,7 +53,8 @@ def main() -> None:
         mixed = [adapters[i % 4] for i in range(args.batch)]
         variants = {"base model (fused native decode)": (llm, [None] * args.batch),
                     "base model through the modules (enforce_eager)": (eager, [None] * args.batch),
-                    f"4 rank-{args.rank} adapters mixed": (llm, mixed)}
+                    f"4 rank-{args.rank} adapters mixed (fused native decode)": (llm, mixed),
+                    f"4 rank-{args.rank} adapters mixed through the modules": (eager, mixed)}
         for engine, loras in variants.values():  # warm-up (adapters loaded here)
             run(engine, SamplingParams(max_tokens=4), loras)
         times = {name: [] for name in variants}
