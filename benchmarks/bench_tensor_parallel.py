@@ -1,8 +1,8 @@
 """Tensor parallelism on this CPU: greedy decode tokens/s of the embedded SmolLM2 at batch 1 and 16,
-the model whole in one process with `--threads` threads (through the fused native decoder and
-through the PyTorch modules, the path tensor-parallel steps take) against the model split over
-`--tp` processes with threads / tp threads each; and, on rank 0, the time per step spent in the
-collectives (all-reduces of the row-parallel layers and the embedding, the logits' all-gather).
+the model whole in one process with `--threads` threads against the model split over `--tp`
+processes with threads / tp threads each, each through the fused native decoder and through the
+PyTorch modules; and, on rank 0, the time per step spent in the collectives (all-reduces of the
+row-parallel layers and the embedding, the logits' all-gather).
 
     .venv/bin/python benchmarks/bench_tensor_parallel.py [--threads 2] [--tp 2] [--max-tokens 48]
 """
@@ -67,8 +67,10 @@ def main() -> None:
     args = parser.parse_args()
     timer = CollectiveTimer()
     rows = []
+    split = {"tensor_parallel_size": args.tp}
     for label, kwargs in (("whole, fused decode", {}), ("whole, PyTorch modules", {"enforce_eager": True}),
-                          (f"split over {args.tp} processes", {"tensor_parallel_size": args.tp})):
+                          (f"split over {args.tp} processes, fused decode", split),
+                          (f"split over {args.tp} processes, PyTorch modules", {**split, "enforce_eager": True})):
         torch.set_num_threads(args.threads)
         llm = LLM(threads=args.threads, kv_cache_memory="256MiB", **kwargs)
         for batch in (1, 16):
