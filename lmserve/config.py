@@ -237,7 +237,7 @@ class EngineConfig:
     # dequantize-then-GEMM, which round differently, so a request's numerics can depend on the
     # batch it shares; True runs every batch the GEMM way instead (and turns fused decode off).
     deterministic: bool = False
-    # Run decode steps through the PyTorch modules even where the fused native decoder applies.
+    # Run every step through the PyTorch modules even where the fused native decoder applies.
     enforce_eager: bool = False
     # The GEMMs of many-row steps (prefill) on packed CPU weights: "fp32" (exact, the default) or
     # "bf16" (oneDNN bf16 kernels; ~1.3x prefill on AVX512-BF16 CPUs, KL 0.0009 on SmolLM2).

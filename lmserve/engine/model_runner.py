@@ -100,7 +100,7 @@ class ModelRunner:
             logger.info("%s KV cache holds %.2fx the tokens of a %s cache in the same memory",
                         engine_config.kv_cache_dtype, plain / packed, str(self.dtype).replace("torch.", ""))
         if fused_decoder is None:
-            logger.info("decode steps run through PyTorch modules (no fused decoder for this family)")
+            logger.info("steps run through PyTorch modules (no fused decoder for this family)")
         self.fused_decode = fused_decoder(model, engine_config) if fused_decoder is not None else None
 
     def _group(self, rows: list[ScheduledSequence], starts: list[int]) -> AttentionGroup:

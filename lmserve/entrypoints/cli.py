@@ -38,7 +38,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-precision", default="fp32", choices=("fp32", "bf16"),
                    help="GEMMs of prefill on packed CPU weights: fp32 (exact) or bf16 (faster on AVX512-BF16 CPUs)")
     p.add_argument("--enforce-eager", action="store_true",
-                   help="run decode steps through the PyTorch modules instead of the fused native decoder")
+                   help="run every step through the PyTorch modules instead of the fused native decoder")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="show start-up logs (also accepted before the command)")
     p.add_argument("--speculative-method", default=None, choices=SPECULATIVE_METHODS,
