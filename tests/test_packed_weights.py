@@ -177,18 +177,28 @@ def test_smollm2_stays_packed_in_memory(smollm2_path, smollm2_pair):
 
 
 def test_smollm2_packed_greedy_replies_equal_the_fp32_path(smollm2_pair):
-    """The packed layers compute in fp32 (native kernel), so the Q4_1 file run packed gives the
-    greedy replies of the same file dequantized to fp32 (measured: 5 of 5 identical for 40 tokens;
-    PyTorch's bf16 int4 kernel, the fallback, managed 3 of 5)."""
+    """The packed layers compute in fp32 (native kernel, activations carried as int16 per group),
+    so the Q4_1 file run packed gives the greedy replies of the same file dequantized to fp32 up
+    to the first near-tie of the reference: a step whose top two log-probabilities are within
+    0.01 can go either way (measured: "List three prime numbers." reaches one after 10 tokens, top
+    two 0.0028 apart in fp32; the other replies are identical for 40 tokens; PyTorch's bf16 int4
+    kernel, the fallback, managed 3 of 5)."""
     packed, full = smollm2_pair
     if native.load() is None:
         pytest.skip("the C++ block matmul did not build here")
-    params = SamplingParams(max_tokens=40, temperature=0)
+    params = SamplingParams(max_tokens=40, temperature=0, logprobs=2)
     conversations = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS]
     ours = packed.chat(conversations, params, use_tqdm=False)
     reference = full.chat(conversations, params, use_tqdm=False)
     assert ours[0].outputs[0].text == "The capital of France is Paris."
-    assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in reference]
+    full_length = 0
+    for mine, theirs in zip(ours, reference):
+        tokens, steps = theirs.outputs[0].token_ids, theirs.outputs[0].logprobs
+        margins = [abs(a - b) for a, b in (sorted(step.values(), reverse=True)[:2] for step in steps)]
+        agree = next((i for i, m in enumerate(margins) if m < 0.01), len(tokens))  # the tie itself may differ
+        assert mine.outputs[0].token_ids[:agree] == tokens[:agree]
+        full_length += agree == len(tokens)
+    assert full_length >= 4  # near-ties are rare: most replies must match to the end
 
 
 def test_packed_outputs_do_not_depend_on_the_batch(smollm2_pair):
