@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a GGUF file or embedded model name")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--lengths", default="8,32,64,128,256,512")
+    parser.add_argument("--lengths", default="8,32,128,512,1024,2048")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     model = args.model
@@ -58,7 +58,7 @@ def main() -> None:
     rows = {}
     for label, eager in (("fused", False), ("modules", True)):
         llm = LLM(model, threads=args.threads, kv_cache_memory="512MiB", enforce_eager=eager,
-                  max_num_batched_tokens=512, enable_prefix_caching=False)  # every repeat computes its prompt
+                  max_num_batched_tokens=max(lengths), enable_prefix_caching=False)  # every repeat computes its prompt
         assert (llm.engine.runner.fused_decode is None) == eager, "the fused decoder does not run this model"
         rows[label] = measure(llm, lengths, args.repeats)
         del llm

@@ -123,11 +123,24 @@ void MoeFeedForward::apply(const IsaKernels& k, const float* x, int64_t rows, fl
     s.slot[i] = next[s.chosen[i]]++;
     std::copy_n(x + i / K * H, H, s.grouped_in.data() + s.slot[i] * H);
   }
-  for (int64_t e = 0; e < E; ++e) {
+  // With a few rows per expert, each expert's matmuls are too small to share between threads
+  // (a fork and join per matmul costs more than its work): then the threads take whole experts,
+  // each running its matmuls alone with its own scratch. An expert's output does not depend on
+  // which thread ran it.
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < E; ++e)
+    if (s.starts[e + 1] > s.starts[e]) active.push_back(e);
+  auto run_expert = [&](int64_t e, Scratch& own) {
     const int64_t first = s.starts[e], n = s.starts[e + 1] - first;
-    if (n == 0) continue;
-    run_swiglu(k, experts_[e].gate_up, experts_[e].down, s.grouped_in.data() + first * H, n, s,
+    run_swiglu(k, experts_[e].gate_up, experts_[e].down, s.grouped_in.data() + first * H, n, own,
                s.grouped_out.data() + first * H);
+  };
+  if (static_cast<int64_t>(active.size()) >= 2 * at::get_num_threads()) {
+    parallel_chunks(static_cast<int64_t>(active.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) run_expert(active[i], scratch());
+    });
+  } else {
+    for (int64_t e : active) run_expert(e, s);
   }
 
   // out = the weighted sum of each row's experts, rank by rank (+ the gated shared expert).
