@@ -111,6 +111,8 @@ struct IsaKernels {
   std::pair<int64_t, float> (*argmax_logsumexp)(const float* x, int64_t n);
   // sum_i a[i] * b[i] over n fp32 values, summed in a fixed order.
   float (*dot)(const float* a, const float* b, int64_t n);
+  // y += a * x over n fp32 values.
+  void (*axpy)(float a, const float* x, float* y, int64_t n);
 };
 
 namespace avx2 {

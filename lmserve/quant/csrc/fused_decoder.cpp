@@ -550,31 +550,48 @@ class FusedDecoder {
     const int64_t K = linear.m.K, N = linear.m.N;
     if (linear.row_parallel && all_reduce_) reduce(out, rows * N);
     linear.add_bias(rows, out);
+    if (!lora_.empty()) add_lora(k, layer, which, x, K, N, out);
+  }
+
+  // Each LoRA span's (x A^T) B^T added to its rows of out [rows, N]: all spans' x A^T in one
+  // parallel pass, then B^T's rows added column chunk by column chunk (one pass over the step).
+  void add_lora(const IsaKernels& k, size_t layer, LoraFactors::Projection which, const float* x, int64_t K,
+                int64_t N, float* out) {
+    struct Job {
+      const LoraFactors::Pair* pair;
+      int64_t start, rows, rank, offset;  // offset: its x A^T in lora_t_
+    };
+    std::vector<Job> jobs;
+    int64_t total = 0;
     for (const auto& [adapter, start, end] : lora_) {
       const LoraFactors::Pair* pair = adapter->get(layer, which);
       if (pair == nullptr || start == end) continue;
-      const int64_t r = pair->a.size(0), n_rows = end - start;
       TORCH_CHECK(pair->a.size(1) == K && pair->bt.size(1) == N, "LoRA factors do not match the layer");
-      const float* a = pair->a.data_ptr<float>();
-      const float* bt = pair->bt.data_ptr<float>();
-      const float* xs = x + start * K;
-      float* ys = out + start * N;
-      lora_t_.resize(n_rows * r);
-      float* t = lora_t_.data();
-      parallel_chunks(n_rows * r, 8, [&](int64_t begin, int64_t stop) {
-        for (int64_t i = begin; i < stop; ++i) t[i] = k.dot(xs + (i / r) * K, a + (i % r) * K, K);
-      });
-      // Columns in chunks, so each chunk of B^T's rows is read once for all the span's rows.
-      parallel_chunks(N, 256, [&](int64_t begin, int64_t stop) {
-        for (int64_t row = 0; row < n_rows; ++row)
-          for (int64_t j = 0; j < r; ++j) {
-            const float tj = t[row * r + j];
-            const float* bj = bt + j * N;
-            float* y = ys + row * N;
-            for (int64_t n = begin; n < stop; ++n) y[n] += tj * bj[n];
-          }
-      });
+      const int64_t rank = pair->a.size(0);
+      jobs.push_back(Job{pair, start, end - start, rank, total});
+      total += (end - start) * rank;
     }
+    if (jobs.empty()) return;
+    lora_t_.resize(total);
+    float* t = lora_t_.data();
+    parallel_chunks(total, 16, [&](int64_t begin, int64_t stop) {
+      size_t j = 0;
+      for (int64_t i = begin; i < stop; ++i) {
+        while (i >= jobs[j].offset + jobs[j].rows * jobs[j].rank) ++j;
+        const Job& job = jobs[j];
+        const int64_t local = i - job.offset, row = job.start + local / job.rank;
+        t[i] = k.dot(x + row * K, job.pair->a.data_ptr<float>() + (local % job.rank) * K, K);
+      }
+    });
+    parallel_chunks(N, 512, [&](int64_t begin, int64_t stop) {
+      for (const Job& job : jobs) {
+        const float* bt = job.pair->bt.data_ptr<float>();
+        for (int64_t r = 0; r < job.rows; ++r)
+          for (int64_t j = 0; j < job.rank; ++j)
+            k.axpy(t[job.offset + r * job.rank + j], bt + j * N + begin, out + (job.start + r) * N + begin,
+                   stop - begin);
+      }
+    });
   }
 
   void feed_forward(const IsaKernels& k, size_t layer, int64_t B) {

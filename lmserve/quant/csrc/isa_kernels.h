@@ -54,6 +54,13 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
   return total;
 }
 
+void axpy(float a, const float* x, float* y, int64_t n) {
+  const F av = V::set1(a);
+  int64_t i = 0;
+  for (; i + V::kFloats <= n; i += V::kFloats) V::store(y + i, V::fmadd(av, V::load(x + i), V::load(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
 // Activations of M rows quantized per group: int16 values [M][K], and per [M][G] their scale and
 // (for the offset term, sum_k x * bias = bias * sum_k x) their exact fp32 sum.
 struct QuantizedActivations {
@@ -403,4 +410,5 @@ std::pair<int64_t, float> argmax_logsumexp(const float* x, int64_t n) {
 }  // namespace
 
 const IsaKernels kernels = {V::kName,   V::kLabel, &V::runs_here,     &matmul,           &rms_norm,
-                            &silu_mul, &gelu_tanh_mul, &attend, &argmax_logsumexp, &dot_f32};
+                            &silu_mul, &gelu_tanh_mul, &attend, &argmax_logsumexp, &dot_f32,
+                            &axpy};
