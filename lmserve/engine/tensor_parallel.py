@@ -51,6 +51,8 @@ def _store_timeout() -> datetime.timedelta:
 def _process_group(store, rank: int, size: int, device: torch.device):
     timeout = datetime.timedelta(seconds=TIMEOUT_SECONDS)
     if device.type == "cuda":
+        # One GPU per rank on each machine (never run here: no GPU has been lent to this project).
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
         return dist.ProcessGroupNCCL(store, rank, size)
     return dist.ProcessGroupGloo(store, rank, size, timeout)
 
