@@ -155,16 +155,32 @@ class FusedDecoder:
             keys = {linear.lora_key: (i, j) for i, layer in enumerate(self.projections)
                     for j, linear in enumerate(layer) if linear is not None}
             if set(adapter.weights) <= set(keys):
-                factors = [[None] * len(self._PROJECTIONS) for _ in self.projections]
-                for key, pair in adapter.weights.items():
+                factors = [[[] for _ in self._PROJECTIONS] for _ in self.projections]
+                for key, (a, b) in adapter.weights.items():
                     i, j = keys[key]
-                    factors[i][j] = pair
+                    factors[i][j] = _lora_blocks(self.projections[i][j], a, b)
                 self._lora[adapter] = self.ext.LoraFactors(factors)
             else:
                 self._lora[adapter] = None
                 logger.info("steps with LoRA adapter %r run through PyTorch modules: it changes modules the fused "
                             "decoder does not hold (%s)", adapter.name, ", ".join(sorted(set(adapter.weights) - set(keys))))
         return self._lora[adapter] is not None
+
+
+def _lora_blocks(linear: Linear, a: torch.Tensor, b: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """An adapter's (A [R, K], B [N, R]) for `linear` as (A, B, first output row) blocks, one per
+    shard of a fused projection: the adapter loader stacks the shards' A along the rank and lays
+    their B out block-diagonally, so each shard's rows use a run of rank columns and zeros
+    elsewhere, which this drops (a shard the adapter leaves alone gives no block)."""
+    blocks = []
+    for shard in linear.shard_names():
+        rows = linear.shard_rows(shard)
+        used = (b[rows] != 0).any(dim=0).nonzero().flatten()
+        if used.numel() == 0:
+            continue
+        columns = slice(int(used[0]), int(used[-1]) + 1)
+        blocks.append((a[columns], b[rows, columns], rows.start))
+    return blocks
 
 
 def build_fused_decoder(model: nn.Module, engine_config: EngineConfig) -> FusedDecoder | None:

@@ -248,42 +248,43 @@ struct KvCache {
 };
 
 // One LoRA adapter's factors for the decoder's projections: per layer and projection (qkv, o, up,
-// down), A [r, K] and B^T [r, N] fp32 (B already scaled), or none.
+// down) a list of blocks, each A [r, K] and B^T [r, n] fp32 (B already scaled) updating the n
+// outputs from `offset` — a fused projection's shards (q, k, v; gate, up) as separate blocks, so
+// the zeros between them are neither stored nor multiplied.
 class LoraFactors {
  public:
   enum Projection { kQkv = 0, kO = 1, kUp = 2, kDown = 3 };
 
-  struct Pair {
+  struct Block {
     torch::Tensor a, bt;
+    int64_t offset;
   };
 
-  // `layers`: per layer a sequence of 4 entries, each (A [r, K], B [N, r]) or None.
+  // `layers`: per layer a sequence of 4 lists of (A [r, K], B [n, r], offset).
   explicit LoraFactors(const py::list& layers) {
     for (const auto& layer : layers) {
       const auto entries = layer.cast<py::list>();
       TORCH_CHECK(entries.size() == 4, "a layer's LoRA factors are (qkv, o, up, down)");
-      std::array<std::optional<Pair>, 4> pairs;
+      std::array<std::vector<Block>, 4> blocks;
       for (int i = 0; i < 4; ++i) {
-        if (entries[i].is_none()) continue;
-        const auto t = entries[i].cast<py::tuple>();
-        const auto a = t[0].cast<torch::Tensor>().to(torch::kFloat32).contiguous();
-        const auto b = t[1].cast<torch::Tensor>().to(torch::kFloat32);
-        TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && b.size(1) == a.size(0), "LoRA factors must be A [r, K], B [N, r]");
-        pairs[i] = Pair{a, b.t().contiguous()};
+        for (const auto& entry : entries[i].cast<py::list>()) {
+          const auto t = entry.cast<py::tuple>();
+          const auto a = t[0].cast<torch::Tensor>().to(torch::kFloat32).contiguous();
+          const auto b = t[1].cast<torch::Tensor>().to(torch::kFloat32);
+          TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && b.size(1) == a.size(0), "LoRA factors must be A [r, K], B [n, r]");
+          blocks[i].push_back(Block{a, b.t().contiguous(), t[2].cast<int64_t>()});
+        }
       }
-      layers_.push_back(std::move(pairs));
+      layers_.push_back(std::move(blocks));
     }
   }
 
-  const Pair* get(size_t layer, Projection p) const {
-    const auto& pair = layers_.at(layer)[p];
-    return pair ? &*pair : nullptr;
-  }
+  const std::vector<Block>& get(size_t layer, Projection p) const { return layers_.at(layer)[p]; }
 
   size_t num_layers() const { return layers_.size(); }
 
  private:
-  std::vector<std::array<std::optional<Pair>, 4>> layers_;
+  std::vector<std::array<std::vector<Block>, 4>> layers_;
 };
 
 // A step's LoRA rows: rows [start, end) run `adapter`.
@@ -553,23 +554,25 @@ class FusedDecoder {
     if (!lora_.empty()) add_lora(k, layer, which, x, K, N, out);
   }
 
-  // Each LoRA span's (x A^T) B^T added to its rows of out [rows, N]: all spans' x A^T in one
-  // parallel pass, then B^T's rows added column chunk by column chunk (one pass over the step).
+  // Each LoRA span's (x A^T) B^T added to its rows of out [rows, N], block by block: all x A^T in
+  // one parallel pass, then B^T's rows added column chunk by column chunk (one pass over the step).
   void add_lora(const IsaKernels& k, size_t layer, LoraFactors::Projection which, const float* x, int64_t K,
                 int64_t N, float* out) {
     struct Job {
-      const LoraFactors::Pair* pair;
+      const LoraFactors::Block* block;
       int64_t start, rows, rank, offset;  // offset: its x A^T in lora_t_
     };
     std::vector<Job> jobs;
     int64_t total = 0;
     for (const auto& [adapter, start, end] : lora_) {
-      const LoraFactors::Pair* pair = adapter->get(layer, which);
-      if (pair == nullptr || start == end) continue;
-      TORCH_CHECK(pair->a.size(1) == K && pair->bt.size(1) == N, "LoRA factors do not match the layer");
-      const int64_t rank = pair->a.size(0);
-      jobs.push_back(Job{pair, start, end - start, rank, total});
-      total += (end - start) * rank;
+      if (start == end) continue;
+      for (const LoraFactors::Block& block : adapter->get(layer, which)) {
+        TORCH_CHECK(block.a.size(1) == K && block.offset >= 0 && block.offset + block.bt.size(1) <= N,
+                    "LoRA factors do not match the layer");
+        const int64_t rank = block.a.size(0);
+        jobs.push_back(Job{&block, start, end - start, rank, total});
+        total += (end - start) * rank;
+      }
     }
     if (jobs.empty()) return;
     lora_t_.resize(total);
@@ -580,16 +583,18 @@ class FusedDecoder {
         while (i >= jobs[j].offset + jobs[j].rows * jobs[j].rank) ++j;
         const Job& job = jobs[j];
         const int64_t local = i - job.offset, row = job.start + local / job.rank;
-        t[i] = k.dot(x + row * K, job.pair->a.data_ptr<float>() + (local % job.rank) * K, K);
+        t[i] = k.dot(x + row * K, job.block->a.data_ptr<float>() + (local % job.rank) * K, K);
       }
     });
     parallel_chunks(N, 512, [&](int64_t begin, int64_t stop) {
       for (const Job& job : jobs) {
-        const float* bt = job.pair->bt.data_ptr<float>();
+        const int64_t n = job.block->bt.size(1), first = job.block->offset;
+        const int64_t lo = std::max(begin, first), hi = std::min(stop, first + n);
+        if (lo >= hi) continue;
+        const float* bt = job.block->bt.data_ptr<float>() + (lo - first);
         for (int64_t r = 0; r < job.rows; ++r)
           for (int64_t j = 0; j < job.rank; ++j)
-            k.axpy(t[job.offset + r * job.rank + j], bt + j * N + begin, out + (job.start + r) * N + begin,
-                   stop - begin);
+            k.axpy(t[job.offset + r * job.rank + j], bt + j * n, out + (job.start + r) * N + lo, hi - lo);
       }
     });
   }
