@@ -104,7 +104,7 @@ class Linear(nn.Module):
             else:
                 tensor = _take_rows(tensor, self.checkpoint_rows[shard])
         if self.checkpoint_cols is not None and param_name == "weight":
-            tensor = _take_cols(tensor, self.checkpoint_cols)
+            tensor = take_cols(tensor, self.checkpoint_cols)
         return tensor
 
     def finish_loading(self) -> None:
@@ -115,7 +115,7 @@ class Linear(nn.Module):
         pending, self._pending = self._pending, {}
         if set(pending) in ({None}, set(self.shard_names())):
             order = [None] if None in pending else self.shard_names()
-            self.packed = pack(_merge_rows([pending[s] for s in order]))
+            self.packed = pack(merge_rows([pending[s] for s in order]))
             del self.weight
             self.weight = None
             return
@@ -171,7 +171,7 @@ def _take_rows(tensor, rows: slice | np.ndarray):
     return tensor[torch.from_numpy(rows) if isinstance(rows, np.ndarray) else rows]
 
 
-def _take_cols(tensor, cols: slice):
+def take_cols(tensor, cols: slice):
     """Input columns of a dense or quantized weight; a quantized one is cut at whole groups."""
     if not isinstance(tensor, GroupQuantized):
         return tensor[:, cols]
@@ -183,7 +183,7 @@ def _take_cols(tensor, cols: slice):
     return GroupQuantized(tensor.q[:, cols], tensor.scale[:, groups], bias, tensor.group, tensor.levels)
 
 
-def _merge_rows(parts: list[GroupQuantized]) -> GroupQuantized:
+def merge_rows(parts: list[GroupQuantized]) -> GroupQuantized:
     """Stack quantized shards along rows in a common group size and value range."""
     if len(parts) == 1:
         return parts[0]

@@ -29,7 +29,7 @@ from torch import nn
 
 from lmserve import parallel
 from lmserve.layers.activation import SiluAndMul
-from lmserve.layers.linear import Linear, _merge_rows, _take_cols
+from lmserve.layers.linear import Linear, merge_rows, take_cols
 from lmserve.quant.gguf_blocks import GroupQuantized
 from lmserve.quant.packed import BlockWeight, pack, quantize_int4, quantize_int8
 
@@ -131,7 +131,7 @@ class StackedExperts(nn.Module):
             self._collect(param_name, up, "up", expert)
             return
         if self.tp.size > 1:
-            gq = _take_cols(gq, self.local) if param_name == "down_proj" else gq.map_rows(lambda a: a[self.local])
+            gq = take_cols(gq, self.local) if param_name == "down_proj" else gq.map_rows(lambda a: a[self.local])
         size = self.local.stop - self.local.start
         expected = (self.hidden_size, size) if param_name == "down_proj" else (size, self.hidden_size)
         if tuple(gq.shape) != expected:
@@ -142,7 +142,7 @@ class StackedExperts(nn.Module):
         needed = [None] if param_name == "down_proj" else ["gate", "up"]
         if set(shards) == set(needed):
             del self._pending[(param_name, expert)]
-            self._packed_parts[(param_name, expert)] = pack(_merge_rows([shards[s] for s in needed]))
+            self._packed_parts[(param_name, expert)] = pack(merge_rows([shards[s] for s in needed]))
 
     def _unpack(self) -> None:
         """Dequantize what arrived quantized into the dense tensors (a checkpoint mixing dense and

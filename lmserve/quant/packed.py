@@ -87,8 +87,6 @@ class BlockWeight(KernelOrGemmWeight):
     # The slab GEMM's operand type: bfloat16 (`prefill_precision="bf16"`) runs it through
     # oneDNN's bf16 kernels (AVX512-BF16 / AMX), inputs and outputs rounded to bf16.
     gemm_dtype = torch.float32
-    _SCRATCH_ELEMENTS = 1 << 19  # 2 MiB of fp32: one slab stays in cache between its two uses
-    _scratch: torch.Tensor | None = None
 
     def __init__(self, gq: GroupQuantized, native):
         super().__init__()
@@ -128,22 +126,9 @@ class BlockWeight(KernelOrGemmWeight):
             out = self.native.block_matmul(flat, self.q, self.scale, self.bias, self.group, self.bits,
                                            self.out_features)
         else:
-            out = self._slab_gemm(flat)
+            out = self.native.block_slab_gemm(flat, self.q, self.scale, self.bias, self.group, self.bits,
+                                              self.out_features, self.gemm_dtype == torch.bfloat16)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-    def _slab_gemm(self, flat: torch.Tensor) -> torch.Tensor:
-        if BlockWeight._scratch is None or BlockWeight._scratch.numel() < 8 * self.in_features:
-            BlockWeight._scratch = torch.empty(max(self._SCRATCH_ELEMENTS, 8 * self.in_features))
-        slab = max(8, self._SCRATCH_ELEMENTS // self.in_features // 8 * 8)  # whole blocks of 8 rows
-        dtype = self.gemm_dtype
-        x_t = flat.t().to(dtype)
-        out_t = torch.empty(self.out_features, flat.shape[0], dtype=dtype)
-        for start in range(0, self.out_features, slab):
-            rows = slice(start, min(start + slab, self.out_features))
-            weight = BlockWeight._scratch[: (rows.stop - start) * self.in_features].view(-1, self.in_features)
-            self._dequantize_into(start, weight)
-            torch.mm(weight.to(dtype), x_t, out=out_t[rows])
-        return out_t.t().float().contiguous()
 
 
 class GroupWeight(nn.Module):

@@ -127,6 +127,10 @@ namespace avx512 {
 extern const IsaKernels kernels;
 }
 
+// out [M, N] = x [M, K] W^T for many rows: W dequantized 2 MiB at a time into a buffer that stays
+// in cache for its GEMM (PyTorch's), fp32 or with bf16 operands (block_matmul.cpp).
+void slab_gemm(const BlockMatrix& w, const float* x, int64_t M, bool bf16, float* out);
+
 // The variant in use (chosen by use_isa(); AVX2 until then).
 const IsaKernels& kernels();
 

@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 
@@ -52,6 +53,27 @@ void use_isa(const std::string& name) {
 
 const IsaKernels& kernels() { return *active.load(std::memory_order_relaxed); }
 
+void slab_gemm(const BlockMatrix& w, const float* x, int64_t M, bool bf16, float* out) {
+  constexpr int64_t kScratchFloats = int64_t{1} << 19;
+  static thread_local torch::Tensor scratch;
+  const int64_t slab = std::max<int64_t>(8, kScratchFloats / w.K / 8 * 8);  // whole blocks of 8 rows
+  if (!scratch.defined() || scratch.numel() < slab * w.K) scratch = torch::empty({slab * w.K}, torch::kFloat32);
+  const auto dtype = bf16 ? torch::kBFloat16 : torch::kFloat32;
+  const torch::Tensor x_t = torch::from_blob(const_cast<float*>(x), {M, w.K}).t().to(dtype);
+  torch::Tensor out_t = torch::empty({w.N, M}, dtype);
+  float* buffer = scratch.data_ptr<float>();
+  for (int64_t start = 0; start < w.N; start += slab) {
+    const int64_t count = std::min(slab, w.N - start);
+    at::parallel_for(start / 8, (start + count + 7) / 8, 4, [&](int64_t begin, int64_t end) {
+      avx2::dequantize_blocks(w, start, buffer, begin, end);
+    });
+    const torch::Tensor weight = scratch.narrow(0, 0, count * w.K).view({count, w.K});
+    torch::Tensor target = out_t.narrow(0, start, count);
+    torch::mm_out(target, weight.to(dtype), x_t);
+  }
+  torch::from_blob(out, {M, w.N}).copy_(out_t.t());
+}
+
 }  // namespace lmserve
 
 namespace {
@@ -65,6 +87,18 @@ torch::Tensor block_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scale
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.K, "weight has ", w.K, " columns, input has ", x.size(-1));
   auto out = torch::empty({x.size(0), w.N}, x.options());
   lmserve::kernels().matmul(x.data_ptr<float>(), x.size(0), w, out.data_ptr<float>());
+  return out;
+}
+
+// x [M, K] fp32 through slab_gemm (the many-rows path), returns [M, rows] fp32.
+torch::Tensor block_slab_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor bias,
+                              int64_t group, int64_t bits, int64_t rows, bool bf16) {
+  const lmserve::BlockMatrix w = lmserve::block_matrix(q, scale, bias, group, bits, rows);
+  x = x.contiguous();
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "activations must be fp32");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.K, "weight has ", w.K, " columns, input has ", x.size(-1));
+  auto out = torch::empty({x.size(0), w.N}, x.options());
+  lmserve::slab_gemm(w, x.data_ptr<float>(), x.size(0), bf16, out.data_ptr<float>());
   return out;
 }
 
@@ -108,6 +142,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   lmserve::bind_moe_ffn(m);
   // Both release the GIL (as PyTorch's own ops do), so a server's event loop runs meanwhile.
   m.def("block_matmul", &block_matmul, "x @ W^T for a block-quantized W (fp32 activations)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("block_slab_gemm", &block_slab_gemm, "x @ W^T for many rows: W dequantized by slabs, then GEMM",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("block_dequantize", &block_dequantize, "dense fp32 rows of a block-quantized weight, into out",
         pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -131,7 +131,7 @@ struct PackedLinear {
     if (rows <= gemm.kernel_max_rows) {
       k.matmul(x, rows, m, out);
     } else {
-      slab_gemm(gemm, x, rows, out);
+      slab_gemm(m, x, rows, gemm.bf16, out);
     }
   }
 
@@ -140,29 +140,6 @@ struct PackedLinear {
     const float* b = bias.data_ptr<float>();
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t n = 0; n < m.N; ++n) out[r * m.N + n] += b[n];
-  }
-
- private:
-  // out^T = W x^T, W dequantized 2 MiB at a time into a buffer that stays in cache for its GEMM.
-  void slab_gemm(const GemmPolicy& gemm, const float* x, int64_t rows, float* out) const {
-    constexpr int64_t kScratchFloats = int64_t{1} << 19;
-    static thread_local torch::Tensor scratch;
-    const int64_t slab = std::max<int64_t>(8, kScratchFloats / m.K / 8 * 8);  // whole blocks of 8 rows
-    if (!scratch.defined() || scratch.numel() < slab * m.K) scratch = torch::empty({slab * m.K}, torch::kFloat32);
-    const auto dtype = gemm.bf16 ? torch::kBFloat16 : torch::kFloat32;
-    const torch::Tensor x_t = torch::from_blob(const_cast<float*>(x), {rows, m.K}).t().to(dtype);
-    torch::Tensor out_t = torch::empty({m.N, rows}, dtype);
-    float* buffer = scratch.data_ptr<float>();
-    for (int64_t start = 0; start < m.N; start += slab) {
-      const int64_t count = std::min(slab, m.N - start);
-      at::parallel_for(start / 8, (start + count + 7) / 8, 4, [&](int64_t begin, int64_t end) {
-        avx2::dequantize_blocks(m, start, buffer, begin, end);
-      });
-      const torch::Tensor weight = scratch.narrow(0, 0, count * m.K).view({count, m.K});
-      torch::Tensor target = out_t.narrow(0, start, count);
-      torch::mm_out(target, weight.to(dtype), x_t);
-    }
-    torch::from_blob(out, {rows, m.N}).copy_(out_t.t());
   }
 };
 
