@@ -257,6 +257,9 @@ class EngineConfig:
     max_loras: int = 4
     max_lora_rank: int = 64
     max_cpu_loras: int | None = None
+    # What adapter factors are stored as: "auto" is bfloat16 on a packed (quantized) base, whose
+    # steps then read half the bytes per adapter, and the compute dtype otherwise.
+    lora_dtype: str = "auto"
 
     def __post_init__(self):
         import torch
@@ -284,6 +287,13 @@ class EngineConfig:
                                                         "use auto or none on a GPU")
         if self.max_cpu_loras is None:
             self.max_cpu_loras = self.max_loras
+        self.lora_torch_dtype = None  # None: auto, chosen once the model is loaded (lora.manager.lora_dtype)
+        if self.lora_dtype != "auto":
+            allowed = ("float32", "bfloat16", "float16") if self.torch_device.type == "cuda" else ("float32", "bfloat16")
+            if _DTYPES.get(self.lora_dtype) not in allowed:
+                raise InvalidParameterError("lora_dtype", f"must be auto, {' or '.join(allowed)} on "
+                                                          f"{self.torch_device.type}; got {self.lora_dtype!r}")
+            self.lora_torch_dtype = getattr(torch, _DTYPES[self.lora_dtype])
         for name, low in (("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("max_loras", 1),
                           ("max_lora_rank", 1), ("max_cpu_loras", 1),
                           ("tensor_parallel_size", 1)):

@@ -151,17 +151,21 @@ def test_packed_gguf_base_matches_peft_on_the_dequantized_weights(tmp_path):
     assert llm.engine.runner.fused_decode.runs_lora(llm.engine.lora.loaded["all"])  # natively, in C++
 
 
-def test_adapters_in_the_fused_decoder_match_the_module_path(family):
+@pytest.mark.parametrize("lora_dtype", ["auto", "float32"])
+def test_adapters_in_the_fused_decoder_match_the_module_path(family, lora_dtype):
     """A packed (int8) base with three adapters and base rows in one batch: every step runs in the
     fused native decoder (no step falls back to the modules), and its logits stay within the
-    block kernel's tolerance of the module path's on the same weights, greedy tokens equal."""
+    block kernel's tolerance of the module path's on the same weights, greedy tokens equal — with
+    the factors stored as bf16 (auto, on a packed base) and as fp32."""
     path, _, adapters = family
     prompts = [PROMPT, PROMPT[:9], PROMPT[:14], PROMPT[3:8], PROMPT[6:17]]
     names = ["qv", None, "all", "q_down", "qv"]
     requests = [adapters[n][0] if n else None for n in names]
     runs = []
     for enforce_eager in (False, True):
-        llm = LLM(str(path), quantization="int8", enable_lora=True, max_loras=3, enforce_eager=enforce_eager)
+        llm = LLM(str(path), quantization="int8", enable_lora=True, max_loras=3, enforce_eager=enforce_eager,
+                  lora_dtype=lora_dtype)
+        assert llm.engine.lora.dtype == (torch.bfloat16 if lora_dtype == "auto" else torch.float32)
         runner = llm.engine.runner
         module_steps = []
         prepare_modules = runner._prepare_modules
@@ -175,6 +179,20 @@ def test_adapters_in_the_fused_decoder_match_the_module_path(family):
     assert fused_tokens == module_tokens
     relative = ((fused_logits - module_logits).abs().max() / module_logits.abs().max()).item()
     assert relative < 5e-4, relative
+
+
+def test_lora_dtype_auto_follows_the_base_and_bad_values_are_refused(family):
+    path, _, adapters = family
+    request = adapters["qv"][0]
+    dense = LLM(str(path), dtype="float32", enable_lora=True)
+    dense.generate(PROMPT, GREEDY, use_tqdm=False, lora_request=request)
+    assert all(a.dtype == b.dtype == torch.float32 for a, b in dense.engine.lora.loaded["qv"].weights.values())
+    packed = LLM(str(path), quantization="int4", enable_lora=True)
+    packed.generate(PROMPT, GREEDY, use_tqdm=False, lora_request=request)
+    assert all(a.dtype == b.dtype == torch.bfloat16 for a, b in packed.engine.lora.loaded["qv"].weights.values())
+    for bad in ("float16", "int8", "fp64"):
+        with pytest.raises(InvalidParameterError, match=f"lora_dtype.*{bad}"):
+            LLM(str(path), enable_lora=True, lora_dtype=bad)
 
 
 def _copy_adapter(source, target, edit_config=None, drop=None):

@@ -47,7 +47,7 @@ from lmserve.errors import InvalidParameterError
 from lmserve.loader import Checkpoint
 from lmserve.models import registry
 from lmserve.lora import LoRARequest
-from lmserve.lora.manager import LoRAManager
+from lmserve.lora.manager import LoRAManager, lora_dtype
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import BeamSearchParams, SamplingParams
 
@@ -88,7 +88,7 @@ class LLMEngine:
                                    engine_config.max_loras)
         self.requests: dict[str, Request] = {}
         self.lora = LoRAManager(self.model, engine_config.max_loras, engine_config.max_lora_rank,
-                                engine_config.max_cpu_loras, engine_config.torch_dtype,
+                                engine_config.max_cpu_loras, lora_dtype(engine_config, self.model),
                                 _adapters_in_use(self.requests)) if engine_config.enable_lora else None
         self.runner = ModelRunner(self.model, cfg, engine_config, num_blocks, fused_decoder_for(cfg),
                                   self.lora.batch if self.lora is not None else None)

@@ -54,6 +54,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loras", type=int, default=4, help="different LoRA adapters in one step (default 4)")
     p.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank accepted (default 64)")
     p.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept loaded (default --max-loras)")
+    p.add_argument("--lora-dtype", default="auto",
+                   help="what adapter factors are stored as: auto (bfloat16 on a quantized base, else the "
+                        "compute dtype), float32 or bfloat16")
 
 
 def _add_lora_arg(p: argparse.ArgumentParser) -> None:
@@ -180,7 +183,7 @@ def _llm(args):
                    prefill_precision=args.prefill_precision,
                    speculative=_speculative(args), tensor_parallel_size=args.tensor_parallel_size,
                    max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                   max_cpu_loras=args.max_cpu_loras, enable_lora=args.enable_lora or bool(
+                   max_cpu_loras=args.max_cpu_loras, lora_dtype=args.lora_dtype, enable_lora=args.enable_lora or bool(
                        getattr(args, "lora_modules", None) or getattr(args, "lora", None)))
     finally:
         if pause_collector:

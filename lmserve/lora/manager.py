@@ -45,6 +45,16 @@ def adapter_spans(row_adapters: list[tuple[LoRAAdapter | None, int]]) -> list[tu
     return spans
 
 
+def lora_dtype(engine_config, model: nn.Module) -> torch.dtype:
+    """What adapter factors are stored as (`EngineConfig.lora_dtype`): "auto" is bfloat16 when the
+    base's projections are packed (quantized) — their error dwarfs bf16's, and a step then reads
+    half the bytes per adapter — else the compute dtype. Products are computed in the compute dtype."""
+    if engine_config.lora_torch_dtype is not None:
+        return engine_config.lora_torch_dtype
+    packed = any(isinstance(m, Linear) and m.packed is not None for m in model.modules())
+    return torch.bfloat16 if packed else engine_config.torch_dtype
+
+
 class LoRABatch:
     """The adapters of one step: [(adapter, first row, end row)] on the step's flat token axis,
     whose rows the runner lays out grouped by adapter so that each adapter's rows are one span."""
@@ -65,7 +75,7 @@ class LoRABatch:
             factors = adapter.weights.get(key)
             if factors is not None:
                 a, b = factors
-                y[start:end].addmm_(x[start:end] @ a.t(), b.t())
+                y[start:end].addmm_(x[start:end] @ a.t().to(x.dtype), b.t().to(x.dtype))
         return y
 
 
@@ -98,8 +108,9 @@ class LoRAManager:
         adapter = load_adapter(request, self.model, self.max_lora_rank, self.dtype)
         self.loaded[request.lora_name] = adapter  # a changed request for a name replaces the old adapter
         self.loaded.move_to_end(request.lora_name)
-        logger.info("LoRA adapter %r loaded from %s: rank %d, %d modules, %.1f MiB", adapter.name,
-                    request.lora_path, adapter.rank, len(adapter.weights), adapter.nbytes / 2**20)
+        logger.info("LoRA adapter %r loaded from %s: rank %d, %d modules, %.1f MiB as %s", adapter.name,
+                    request.lora_path, adapter.rank, len(adapter.weights), adapter.nbytes / 2**20,
+                    str(self.dtype).removeprefix("torch."))
         self._evict()
         return adapter
 

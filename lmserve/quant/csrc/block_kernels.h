@@ -109,10 +109,13 @@ struct IsaKernels {
                  int64_t dim, float scale, float* scores, float* out);
   // (first index of the largest value, log-sum-exp) of a row of n finite values.
   std::pair<int64_t, float> (*argmax_logsumexp)(const float* x, int64_t n);
-  // sum_i a[i] * b[i] over n fp32 values, summed in a fixed order.
+  // sum_i a[i] * b[i] over n values, b fp32 or bf16, summed in a fixed order.
   float (*dot)(const float* a, const float* b, int64_t n);
-  // y += a * x over n fp32 values.
-  void (*axpy)(float a, const float* x, float* y, int64_t n);
+  float (*dot_bf16)(const float* a, const uint16_t* b, int64_t n);
+  // y[i] += sum_j coef[j] * rows[j * stride + i] over n values and `count` rows, fp32 or bf16.
+  void (*add_combination)(const float* coef, int64_t count, const float* rows, int64_t stride, float* y, int64_t n);
+  void (*add_combination_bf16)(const float* coef, int64_t count, const uint16_t* rows, int64_t stride, float* y,
+                               int64_t n);
 };
 
 namespace avx2 {

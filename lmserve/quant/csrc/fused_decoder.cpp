@@ -225,8 +225,8 @@ struct KvCache {
 };
 
 // One LoRA adapter's factors for the decoder's projections: per layer and projection (qkv, o, up,
-// down) a list of blocks, each A [r, K] and B^T [r, n] fp32 (B already scaled) updating the n
-// outputs from `offset` — a fused projection's shards (q, k, v; gate, up) as separate blocks, so
+// down) a list of blocks, each A [r, K] and B^T [r, n] (B already scaled), fp32 or bf16 as the
+// adapter holds them, updating the n outputs from `offset` — a fused projection's shards (q, k, v; gate, up) as separate blocks, so
 // the zeros between them are neither stored nor multiplied.
 class LoraFactors {
  public:
@@ -235,6 +235,7 @@ class LoraFactors {
   struct Block {
     torch::Tensor a, bt;
     int64_t offset;
+    bool bf16;
   };
 
   // `layers`: per layer a sequence of 4 lists of (A [r, K], B [n, r], offset).
@@ -246,10 +247,13 @@ class LoraFactors {
       for (int i = 0; i < 4; ++i) {
         for (const auto& entry : entries[i].cast<py::list>()) {
           const auto t = entry.cast<py::tuple>();
-          const auto a = t[0].cast<torch::Tensor>().to(torch::kFloat32).contiguous();
-          const auto b = t[1].cast<torch::Tensor>().to(torch::kFloat32);
+          const auto a = t[0].cast<torch::Tensor>().contiguous();
+          const auto b = t[1].cast<torch::Tensor>();
           TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && b.size(1) == a.size(0), "LoRA factors must be A [r, K], B [n, r]");
-          blocks[i].push_back(Block{a, b.t().contiguous(), t[2].cast<int64_t>()});
+          TORCH_CHECK(a.scalar_type() == b.scalar_type() &&
+                          (a.scalar_type() == torch::kFloat32 || a.scalar_type() == torch::kBFloat16),
+                      "LoRA factors must both be fp32 or both bf16");
+          blocks[i].push_back(Block{a, b.t().contiguous(), t[2].cast<int64_t>(), a.scalar_type() == torch::kBFloat16});
         }
       }
       layers_.push_back(std::move(blocks));
@@ -532,35 +536,43 @@ class FusedDecoder {
   }
 
   // Each LoRA span's (x A^T) B^T added to its rows of out [rows, N], block by block: all x A^T in
-  // one parallel pass, then B^T's rows added column chunk by column chunk (one pass over the step).
+  // one parallel pass, then column chunk by column chunk each row's combination of B^T's rows.
   void add_lora(const IsaKernels& k, size_t layer, LoraFactors::Projection which, const float* x, int64_t K,
                 int64_t N, float* out) {
     struct Job {
       const LoraFactors::Block* block;
-      int64_t start, rows, rank, offset;  // offset: its x A^T in lora_t_
+      int64_t start, rows, rank, offset, first_unit;  // offset: its x A^T in lora_t_
     };
     std::vector<Job> jobs;
-    int64_t total = 0;
+    int64_t total = 0, units = 0;
     for (const auto& [adapter, start, end] : lora_) {
       if (start == end) continue;
       for (const LoraFactors::Block& block : adapter->get(layer, which)) {
         TORCH_CHECK(block.a.size(1) == K && block.offset >= 0 && block.offset + block.bt.size(1) <= N,
                     "LoRA factors do not match the layer");
         const int64_t rank = block.a.size(0);
-        jobs.push_back(Job{&block, start, end - start, rank, total});
+        jobs.push_back(Job{&block, start, end - start, rank, total, units});
         total += (end - start) * rank;
+        units += rank;
       }
     }
     if (jobs.empty()) return;
     lora_t_.resize(total);
     float* t = lora_t_.data();
-    parallel_chunks(total, 16, [&](int64_t begin, int64_t stop) {
+    // A unit is one rank's row of A, dotted with each of its span's rows while it sits in L1.
+    parallel_chunks(units, 4, [&](int64_t begin, int64_t stop) {
       size_t j = 0;
-      for (int64_t i = begin; i < stop; ++i) {
-        while (i >= jobs[j].offset + jobs[j].rows * jobs[j].rank) ++j;
+      for (int64_t u = begin; u < stop; ++u) {
+        while (u >= jobs[j].first_unit + jobs[j].rank) ++j;
         const Job& job = jobs[j];
-        const int64_t local = i - job.offset, row = job.start + local / job.rank;
-        t[i] = k.dot(x + row * K, job.block->a.data_ptr<float>() + (local % job.rank) * K, K);
+        const int64_t rank_row = u - job.first_unit;
+        const LoraFactors::Block& b = *job.block;
+        for (int64_t r = 0; r < job.rows; ++r) {
+          const float* xr = x + (job.start + r) * K;
+          t[job.offset + r * job.rank + rank_row] =
+              b.bf16 ? k.dot_bf16(xr, static_cast<const uint16_t*>(b.a.data_ptr()) + rank_row * K, K)
+                     : k.dot(xr, b.a.data_ptr<float>() + rank_row * K, K);
+        }
       }
     });
     parallel_chunks(N, 512, [&](int64_t begin, int64_t stop) {
@@ -568,10 +580,15 @@ class FusedDecoder {
         const int64_t n = job.block->bt.size(1), first = job.block->offset;
         const int64_t lo = std::max(begin, first), hi = std::min(stop, first + n);
         if (lo >= hi) continue;
-        const float* bt = job.block->bt.data_ptr<float>() + (lo - first);
-        for (int64_t r = 0; r < job.rows; ++r)
-          for (int64_t j = 0; j < job.rank; ++j)
-            k.axpy(t[job.offset + r * job.rank + j], bt + j * n, out + (job.start + r) * N + lo, hi - lo);
+        for (int64_t r = 0; r < job.rows; ++r) {
+          const float* coef = t + job.offset + r * job.rank;
+          float* y = out + (job.start + r) * N + lo;
+          if (job.block->bf16)
+            k.add_combination_bf16(coef, job.rank, static_cast<const uint16_t*>(job.block->bt.data_ptr()) + (lo - first),
+                                   n, y, hi - lo);
+          else
+            k.add_combination(coef, job.rank, job.block->bt.data_ptr<float>() + (lo - first), n, y, hi - lo);
+        }
       }
     });
   }

@@ -44,21 +44,86 @@ inline F exp_v(F x) {
 
 inline float exp1(float x) { return V::first(exp_v(V::set1(x))); }
 
-// sum_i a[i] * b[i] in a fixed order (kFloats lanes, then the tail).
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  F acc = V::zero();
+// The storage of one cached value (or LoRA factor) of each KvType, and its loads as fp32 (a register's worth, or
+// one value). An int8 value is loaded unscaled: the caller applies its token's scale once per dot
+// product or weight.
+template <KvType T> struct KvElement { using type = float; };
+template <> struct KvElement<KvType::kBF16> { using type = uint16_t; };
+template <> struct KvElement<KvType::kF16> { using type = uint16_t; };
+template <> struct KvElement<KvType::kI8> { using type = int8_t; };
+
+template <KvType T>
+inline F load_kv(const typename KvElement<T>::type* p) {
+  if constexpr (T == KvType::kF32) return V::load(p);
+  else if constexpr (T == KvType::kBF16) return V::load_bf16(p);
+  else if constexpr (T == KvType::kF16) return V::load_f16(p);
+  else return V::load_i8(p);
+}
+
+template <KvType T>
+inline float kv_value(const typename KvElement<T>::type* p) {
+  if constexpr (T == KvType::kBF16) {
+    const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+    float x;
+    std::memcpy(&x, &bits, sizeof(x));
+    return x;
+  } else if constexpr (T == KvType::kF16) {
+    return _cvtsh_ss(*p);
+  } else {
+    return static_cast<float>(*p);
+  }
+}
+
+// sum_i a[i] * b[i] for fp32 a and b stored as T (fp32 or bf16), in a fixed order (four
+// interleaved kFloats-lane sums, then the tail): four chains, since one would wait on each fused
+// multiply-add's latency.
+template <KvType T>
+float dot_typed(const float* a, const typename KvElement<T>::type* b, int64_t n) {
+  F acc0 = V::zero(), acc1 = V::zero(), acc2 = V::zero(), acc3 = V::zero();
   int64_t i = 0;
-  for (; i + V::kFloats <= n; i += V::kFloats) acc = V::fmadd(V::load(a + i), V::load(b + i), acc);
-  float total = V::hsum(acc);
-  for (; i < n; ++i) total += a[i] * b[i];
+  for (; i + 4 * V::kFloats <= n; i += 4 * V::kFloats) {
+    acc0 = V::fmadd(V::load(a + i), load_kv<T>(b + i), acc0);
+    acc1 = V::fmadd(V::load(a + i + V::kFloats), load_kv<T>(b + i + V::kFloats), acc1);
+    acc2 = V::fmadd(V::load(a + i + 2 * V::kFloats), load_kv<T>(b + i + 2 * V::kFloats), acc2);
+    acc3 = V::fmadd(V::load(a + i + 3 * V::kFloats), load_kv<T>(b + i + 3 * V::kFloats), acc3);
+  }
+  for (; i + V::kFloats <= n; i += V::kFloats) acc0 = V::fmadd(V::load(a + i), load_kv<T>(b + i), acc0);
+  float total = V::hsum(V::add(V::add(acc0, acc1), V::add(acc2, acc3)));
+  for (; i < n; ++i) total += a[i] * kv_value<T>(b + i);
   return total;
 }
 
-void axpy(float a, const float* x, float* y, int64_t n) {
-  const F av = V::set1(a);
+// y[i] += sum_j coef[j] * rows[j * stride + i] for i < n, rows stored as T (fp32 or bf16): the
+// terms summed in registers, four vectors of y at a time, so y is read and written once whatever
+// the count.
+template <KvType T>
+void add_combination_typed(const float* coef, int64_t count, const typename KvElement<T>::type* rows, int64_t stride,
+                           float* y, int64_t n) {
+  constexpr int64_t W = 4 * V::kFloats;
   int64_t i = 0;
-  for (; i + V::kFloats <= n; i += V::kFloats) V::store(y + i, V::fmadd(av, V::load(x + i), V::load(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
+  for (; i + W <= n; i += W) {
+    F acc0 = V::load(y + i), acc1 = V::load(y + i + V::kFloats), acc2 = V::load(y + i + 2 * V::kFloats),
+      acc3 = V::load(y + i + 3 * V::kFloats);
+    for (int64_t j = 0; j < count; ++j) {
+      const F c = V::set1(coef[j]);
+      const auto* r = rows + j * stride + i;
+      acc0 = V::fmadd(c, load_kv<T>(r), acc0);
+      acc1 = V::fmadd(c, load_kv<T>(r + V::kFloats), acc1);
+      acc2 = V::fmadd(c, load_kv<T>(r + 2 * V::kFloats), acc2);
+      acc3 = V::fmadd(c, load_kv<T>(r + 3 * V::kFloats), acc3);
+    }
+    V::store(y + i, acc0);
+    V::store(y + i + V::kFloats, acc1);
+    V::store(y + i + 2 * V::kFloats, acc2);
+    V::store(y + i + 3 * V::kFloats, acc3);
+  }
+  for (; i + V::kFloats <= n; i += V::kFloats) {
+    F acc = V::load(y + i);
+    for (int64_t j = 0; j < count; ++j) acc = V::fmadd(V::set1(coef[j]), load_kv<T>(rows + j * stride + i), acc);
+    V::store(y + i, acc);
+  }
+  for (; i < n; ++i)
+    for (int64_t j = 0; j < count; ++j) y[i] += coef[j] * kv_value<T>(rows + j * stride + i);
 }
 
 // Activations of M rows quantized per group: int16 values [M][K], and per [M][G] their scale and
@@ -188,7 +253,7 @@ void matmul(const float* x, int64_t M, const BlockMatrix& w, float* out) {
 }
 
 void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
-  const float inv = 1.0f / std::sqrt(dot_f32(x, x, n) / static_cast<float>(n) + eps);
+  const float inv = 1.0f / std::sqrt(dot_typed<KvType::kF32>(x, x, n) / static_cast<float>(n) + eps);
   const F scale = V::set1(inv);
   int64_t i = 0;
   for (; i + V::kFloats <= n; i += V::kFloats) V::store(y + i, V::mul(V::mul(V::load(x + i), scale), V::load(w + i)));
@@ -238,36 +303,6 @@ float exponentiate(float* scores, int64_t first, int64_t n, float max_score) {
   float total = V::hsum(sum);
   for (; p < n; ++p) total += (scores[p] = exp1(scores[p] - max_score));
   return total;
-}
-
-// The storage of one cached value of each KvType, and its loads as fp32 (a register's worth, or
-// one value). An int8 value is loaded unscaled: the caller applies its token's scale once per dot
-// product or weight.
-template <KvType T> struct KvElement { using type = float; };
-template <> struct KvElement<KvType::kBF16> { using type = uint16_t; };
-template <> struct KvElement<KvType::kF16> { using type = uint16_t; };
-template <> struct KvElement<KvType::kI8> { using type = int8_t; };
-
-template <KvType T>
-inline F load_kv(const typename KvElement<T>::type* p) {
-  if constexpr (T == KvType::kF32) return V::load(p);
-  else if constexpr (T == KvType::kBF16) return V::load_bf16(p);
-  else if constexpr (T == KvType::kF16) return V::load_f16(p);
-  else return V::load_i8(p);
-}
-
-template <KvType T>
-inline float kv_value(const typename KvElement<T>::type* p) {
-  if constexpr (T == KvType::kBF16) {
-    const uint32_t bits = static_cast<uint32_t>(*p) << 16;
-    float x;
-    std::memcpy(&x, &bits, sizeof(x));
-    return x;
-  } else if constexpr (T == KvType::kF16) {
-    return _cvtsh_ss(*p);
-  } else {
-    return static_cast<float>(*p);
-  }
 }
 
 // One KV head's cached rows as typed pointers: row(slot) is that slot's values, scale(slot) its
@@ -410,5 +445,6 @@ std::pair<int64_t, float> argmax_logsumexp(const float* x, int64_t n) {
 }  // namespace
 
 const IsaKernels kernels = {V::kName,   V::kLabel, &V::runs_here,     &matmul,           &rms_norm,
-                            &silu_mul, &gelu_tanh_mul, &attend, &argmax_logsumexp, &dot_f32,
-                            &axpy};
+                            &silu_mul, &gelu_tanh_mul, &attend, &argmax_logsumexp, &dot_typed<KvType::kF32>,
+                            &dot_typed<KvType::kBF16>, &add_combination_typed<KvType::kF32>,
+                            &add_combination_typed<KvType::kBF16>};
