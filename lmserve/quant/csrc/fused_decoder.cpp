@@ -535,8 +535,8 @@ class FusedDecoder {
     if (!lora_.empty()) add_lora(k, layer, which, x, K, N, out);
   }
 
-  // Each LoRA span's (x A^T) B^T added to its rows of out [rows, N], block by block: all x A^T in
-  // one parallel pass, then column chunk by column chunk each row's combination of B^T's rows.
+  // Each LoRA span's (x A^T) B^T added to its rows of out [rows, N], block by block (a job: one
+  // span's rows through one block of factors).
   void add_lora(const IsaKernels& k, size_t layer, LoraFactors::Projection which, const float* x, int64_t K,
                 int64_t N, float* out) {
     struct Job {
@@ -559,36 +559,54 @@ class FusedDecoder {
     if (jobs.empty()) return;
     lora_t_.resize(total);
     float* t = lora_t_.data();
-    // A unit is one rank's row of A, dotted with each of its span's rows while it sits in L1.
+    // Row `rank_row` of a job's A dotted with each of its span's rows (while that row sits in L1).
+    const auto shrink = [&](const Job& job, int64_t rank_row) {
+      const LoraFactors::Block& b = *job.block;
+      for (int64_t r = 0; r < job.rows; ++r) {
+        const float* xr = x + (job.start + r) * K;
+        t[job.offset + r * job.rank + rank_row] =
+            b.bf16 ? k.dot_bf16(xr, static_cast<const uint16_t*>(b.a.data_ptr()) + rank_row * K, K)
+                   : k.dot(xr, b.a.data_ptr<float>() + rank_row * K, K);
+      }
+    };
+    // Outputs [lo, hi) of a job's rows (within its block's columns) plus their combination of B^T's rows.
+    const auto expand = [&](const Job& job, int64_t lo, int64_t hi) {
+      const LoraFactors::Block& b = *job.block;
+      const int64_t n = b.bt.size(1), first = b.offset;
+      for (int64_t r = 0; r < job.rows; ++r) {
+        const float* coef = t + job.offset + r * job.rank;
+        float* y = out + (job.start + r) * N + lo;
+        if (b.bf16)
+          k.add_combination_bf16(coef, job.rank, static_cast<const uint16_t*>(b.bt.data_ptr()) + (lo - first), n, y,
+                                 hi - lo);
+        else
+          k.add_combination(coef, job.rank, b.bt.data_ptr<float>() + (lo - first), n, y, hi - lo);
+      }
+    };
+    if (static_cast<int64_t>(jobs.size()) >= 2 * at::get_num_threads()) {
+      // Enough (span, block) jobs to share out whole: each writes its own rows' block of columns,
+      // so one parallel pass with no barrier between a job's x A^T and its B^T.
+      parallel_chunks(static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t stop) {
+        for (int64_t j = begin; j < stop; ++j) {
+          for (int64_t rank_row = 0; rank_row < jobs[j].rank; ++rank_row) shrink(jobs[j], rank_row);
+          expand(jobs[j], jobs[j].block->offset, jobs[j].block->offset + jobs[j].block->bt.size(1));
+        }
+      });
+      return;
+    }
+    // Few jobs (one adapter's prompt, say): every x A^T first, split by rows of A, then the outputs
+    // split by column chunk.
     parallel_chunks(units, 4, [&](int64_t begin, int64_t stop) {
       size_t j = 0;
       for (int64_t u = begin; u < stop; ++u) {
         while (u >= jobs[j].first_unit + jobs[j].rank) ++j;
-        const Job& job = jobs[j];
-        const int64_t rank_row = u - job.first_unit;
-        const LoraFactors::Block& b = *job.block;
-        for (int64_t r = 0; r < job.rows; ++r) {
-          const float* xr = x + (job.start + r) * K;
-          t[job.offset + r * job.rank + rank_row] =
-              b.bf16 ? k.dot_bf16(xr, static_cast<const uint16_t*>(b.a.data_ptr()) + rank_row * K, K)
-                     : k.dot(xr, b.a.data_ptr<float>() + rank_row * K, K);
-        }
+        shrink(jobs[j], u - jobs[j].first_unit);
       }
     });
     parallel_chunks(N, 512, [&](int64_t begin, int64_t stop) {
       for (const Job& job : jobs) {
-        const int64_t n = job.block->bt.size(1), first = job.block->offset;
-        const int64_t lo = std::max(begin, first), hi = std::min(stop, first + n);
-        if (lo >= hi) continue;
-        for (int64_t r = 0; r < job.rows; ++r) {
-          const float* coef = t + job.offset + r * job.rank;
-          float* y = out + (job.start + r) * N + lo;
-          if (job.block->bf16)
-            k.add_combination_bf16(coef, job.rank, static_cast<const uint16_t*>(job.block->bt.data_ptr()) + (lo - first),
-                                   n, y, hi - lo);
-          else
-            k.add_combination(coef, job.rank, job.block->bt.data_ptr<float>() + (lo - first), n, y, hi - lo);
-        }
+        const int64_t lo = std::max(begin, job.block->offset), hi = std::min(stop, job.block->offset + job.block->bt.size(1));
+        if (lo < hi) expand(job, lo, hi);
       }
     });
   }
