@@ -59,8 +59,11 @@ void slab_gemm(const BlockMatrix& w, const float* x, int64_t M, bool bf16, float
   const int64_t slab = std::max<int64_t>(8, kScratchFloats / w.K / 8 * 8);  // whole blocks of 8 rows
   if (!scratch.defined() || scratch.numel() < slab * w.K) scratch = torch::empty({slab * w.K}, torch::kFloat32);
   const auto dtype = bf16 ? torch::kBFloat16 : torch::kFloat32;
-  const torch::Tensor x_t = torch::from_blob(const_cast<float*>(x), {M, w.K}).t().to(dtype);
-  torch::Tensor out_t = torch::empty({w.N, M}, dtype);
+  const torch::Tensor x_d = torch::from_blob(const_cast<float*>(x), {M, w.K}).to(dtype);
+  // Each slab's products land straight in their columns of [M, N] (a GEMM with a leading
+  // dimension of N): no transposed copy of the result, which cost as much as a bf16 GEMM.
+  const torch::Tensor out_f = torch::from_blob(out, {M, w.N});
+  torch::Tensor out_d = bf16 ? torch::empty({M, w.N}, dtype) : out_f;
   float* buffer = scratch.data_ptr<float>();
   for (int64_t start = 0; start < w.N; start += slab) {
     const int64_t count = std::min(slab, w.N - start);
@@ -68,10 +71,10 @@ void slab_gemm(const BlockMatrix& w, const float* x, int64_t M, bool bf16, float
       avx2::dequantize_blocks(w, start, buffer, begin, end);
     });
     const torch::Tensor weight = scratch.narrow(0, 0, count * w.K).view({count, w.K});
-    torch::Tensor target = out_t.narrow(0, start, count);
-    torch::mm_out(target, weight.to(dtype), x_t);
+    torch::Tensor target = out_d.narrow(1, start, count);
+    torch::mm_out(target, x_d, weight.to(dtype).t());
   }
-  torch::from_blob(out, {M, w.N}).copy_(out_t.t());
+  if (bf16) out_f.copy_(out_d);
 }
 
 }  // namespace lmserve
