@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own benchmark tools (llama-bench, llama-batched-bench, llama-perplexity,
+# Build llama.cpp's own benchmark tools (llama-bench, llama-batched-bench, llama-perplexity, llama-completion,
 # llama-server) from the sources vendored in the llama-cpp-python source package, for the peer
 # comparisons in benchmarks/. The build lives outside the repository and is reused when present;
 # it is never part of the test suite (about 10-15 minutes on 2 cores the first time).
@@ -9,7 +9,7 @@
 set -euo pipefail
 VERSION="${LLAMACPP_PY_VERSION:-0.3.36}"
 DIR="${LLAMACPP_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/lmserve-llamacpp}"
-TARGETS=(llama-bench llama-batched-bench llama-perplexity llama-server)
+TARGETS=(llama-bench llama-batched-bench llama-perplexity llama-server llama-completion)
 PY="${PYTHON:-python3}"
 mkdir -p "$DIR"
 SRC="$DIR/llama_cpp_python-$VERSION"

@@ -1,13 +1,14 @@
 """lmserve against llama.cpp and Hugging Face transformers on the same GGUF file and threads.
 
 One run measures, for each engine in its own process (so peak RSS is its own):
-load time, prefill tokens/s (one 512-token prompt), decode tokens/s at batch 1 (128 tokens),
-aggregate decode tokens/s with 4 and 16 parallel sequences (32-token prompts, 128 tokens each),
+load time, prefill tokens/s (one 512-token prompt; lmserve also with bf16 GEMMs, in a process of
+its own), decode tokens/s at batch 1 (128 tokens), aggregate decode tokens/s with 4 and 16
+parallel sequences (32-token prompts, 128 tokens each; with --sweep 1 to 32, and --plot draws them),
 peak RSS, and the achieved weight bandwidth (weight bytes read per decode step x steps/s; of a
 mixture of experts, only the top-k experts a token uses) against this machine's measured copy
 bandwidth. Then the quality report: perplexity on the same text in llama.cpp's windows, and KL
-divergence / top-1 agreement against the same weights in fp32, for lmserve's packed path and for
-llama.cpp.
+divergence / top-1 agreement against the same weights in fp32, for lmserve's packed path (fp32 and
+bf16 prefill GEMMs) and for llama.cpp.
 
 llama.cpp runs its own tools (llama-bench, llama-batched-bench, llama-perplexity) built by
 benchmarks/build_llamacpp.sh; transformers loads the GGUF dequantized (fp32 and bf16).
@@ -15,6 +16,8 @@ benchmarks/build_llamacpp.sh; transformers loads the GGUF dequantized (fp32 and 
     .venv/bin/python benchmarks/compare_peers.py --threads 2            # everything (~15 min)
     .venv/bin/python benchmarks/compare_peers.py --skip-transformers --skip-quality
     .venv/bin/python benchmarks/compare_peers.py --model FILE.gguf --skip-transformers --skip-quality
+    .venv/bin/python benchmarks/compare_peers.py --skip-transformers --skip-quality --sweep \
+        --plot benchmarks/batch_sweep.png
 
 A mixture-of-experts file both engines run: benchmarks/make_moe_gguf.py.
 """
@@ -34,7 +37,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's lmserve, not whichever one the interpreter has installed
-PROMPT_TOKENS, DECODE_TOKENS, PARALLEL_PROMPT, PARALLEL = 512, 128, 32, (4, 16)
+PROMPT_TOKENS, DECODE_TOKENS, PARALLEL_PROMPT = 512, 128, 32
+SWEEP = (1, 2, 4, 8, 16, 32)  # --sweep: the batch sizes of the plot
 
 
 # ---- workers (each runs in its own process and prints one JSON line) -----------------------------
@@ -70,7 +74,7 @@ def worker_lmserve(args) -> dict:
     # Best of several runs, as llama-bench repeats its own: this VM's timings are noisy.
     decode_b1 = (DECODE_TOKENS - 1) / min(timed([single], DECODE_TOKENS) - timed([single], 1) for _ in range(3))
     batched = {}
-    for n in PARALLEL:
+    for n in args.batches:
         prompts = [_prompt(tok, PARALLEL_PROMPT, s) for s in range(n)]
         first = timed(prompts, 1)
         batched[n] = n * (DECODE_TOKENS - 1) / min(timed(prompts, DECODE_TOKENS) - first for _ in range(2))
@@ -109,6 +113,22 @@ def _embedding_table_bytes(model) -> int:
                                                       else [table.weight]))
 
 
+def worker_prefill(args) -> dict:
+    """lmserve's prefill alone with `--prefill-precision` (its own process: another engine's RSS)."""
+    from lmserve import LLM, SamplingParams
+
+    llm = LLM(args.model, threads=args.threads, kv_cache_memory="256MiB", prefill_precision=args.prefill_precision)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    llm.generate([_prompt(llm.tokenizer, 64, 99)], params, use_tqdm=False)  # warm-up
+    best = float("inf")
+    for salt in range(3):
+        prompt = _prompt(llm.tokenizer, PROMPT_TOKENS, salt)
+        start = time.perf_counter()
+        llm.generate([prompt], params, use_tqdm=False)
+        best = min(best, time.perf_counter() - start)
+    return {f"prefill_{args.prefill_precision}": PROMPT_TOKENS / best}
+
+
 def worker_transformers(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -134,7 +154,7 @@ def worker_transformers(args) -> dict:
     single = [_prompt(tok, PARALLEL_PROMPT)]
     decode_b1 = (DECODE_TOKENS - 1) / (generate(single, DECODE_TOKENS) - generate(single, 1))
     batched = {}
-    for n in PARALLEL:
+    for n in args.batches:
         prompts = [_prompt(tok, PARALLEL_PROMPT, s) for s in range(n)]
         first = generate(prompts, 1)
         batched[n] = n * (DECODE_TOKENS - 1) / (generate(prompts, DECODE_TOKENS) - first)
@@ -147,7 +167,7 @@ def worker_quality(args) -> dict:
     from lmserve import LLM
     from lmserve.quality import quality_report, text_windows
 
-    packed = LLM(args.model, threads=args.threads, kv_cache_memory="64MiB")
+    packed = LLM(args.model, threads=args.threads, kv_cache_memory="64MiB", prefill_precision=args.prefill_precision)
     reference = LLM(args.model, threads=args.threads, kv_cache_memory="64MiB", quantization="none")
     windows = text_windows(packed.tokenizer, Path(args.text).read_text(), 512, args.max_windows)
     report = quality_report(packed.engine.score, windows, reference.engine.score)
@@ -168,7 +188,7 @@ def _run(cmd: list[str]) -> tuple[str, float]:
     return text, usage.ru_maxrss / 1024
 
 
-def llama_cpp(bin_dir: Path, model: str, threads: int) -> dict:
+def llama_cpp(bin_dir: Path, model: str, threads: int, batches: list[int]) -> dict:
     text, rss = _run([str(bin_dir / "llama-bench"), "-m", model, "-t", str(threads), "-p", str(PROMPT_TOKENS),
                       "-n", str(DECODE_TOKENS), "-r", "3", "-o", "jsonl"])
     rows = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
@@ -176,7 +196,7 @@ def llama_cpp(bin_dir: Path, model: str, threads: int) -> dict:
     for row in rows:
         key = "prefill" if row["n_prompt"] else "decode_b1"
         result[key] = max(row.get("samples_ts") or [row["avg_ts"]])  # best repetition, as for lmserve
-    npl = ",".join(str(n) for n in PARALLEL)
+    npl = ",".join(str(n) for n in batches)
     text, rss_batched = _run([str(bin_dir / "llama-batched-bench"), "-m", model, "-t", str(threads), "-c", "8192",
                               "-npp", str(PARALLEL_PROMPT), "-ntg", str(DECODE_TOKENS), "-npl", npl,
                               "--output-format", "jsonl"])
@@ -260,15 +280,20 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--json", default=None, help="also write all figures to this file")
+    parser.add_argument("--sweep", action="store_true", help=f"decode at batch sizes {SWEEP} (default 4 and 16)")
+    parser.add_argument("--plot", default=None, help="with --sweep: write tokens/s against batch size to this PNG")
+    parser.add_argument("--batches", default="4,16", help=argparse.SUPPRESS)
+    parser.add_argument("--prefill-precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.batches = list(SWEEP) if args.sweep else [int(n) for n in args.batches.split(",")]
     if args.model is None:
         from lmserve.default_model import DEFAULT_MODEL, resolve_embedded
         args.model = resolve_embedded(DEFAULT_MODEL)
     if args.worker:
         workers = {"lmserve": worker_lmserve, "transformers": worker_transformers, "quality": worker_quality,
-                   "bandwidth": worker_bandwidth}
+                   "bandwidth": worker_bandwidth, "prefill": worker_prefill}
         print(json.dumps(workers[args.worker](args)))
         return
 
@@ -280,24 +305,32 @@ def main() -> None:
     bandwidth = _worker("bandwidth", args)["copy_gbs"]
     print(f"model {args.model}, {args.threads} threads, {platform.processor() or platform.machine()}, "
           f"copy bandwidth {bandwidth:.1f} GB/s", flush=True)
-    results["lmserve"] = _worker("lmserve", args)
+    batches = ["--batches", ",".join(map(str, args.batches))]
+    results["lmserve"] = _worker("lmserve", args, batches)
+    results["lmserve"].update(_worker("prefill", args, ["--prefill-precision", "bf16"]))
     print("lmserve done", flush=True)
     bin_dir = None
     if not args.skip_llamacpp:
         bin_dir = Path(args.llama_bin) if args.llama_bin else Path(subprocess.run(
             ["bash", str(REPO / "benchmarks" / "build_llamacpp.sh")], capture_output=True, text=True,
             check=True).stdout.strip().splitlines()[-1])
-        results["llama.cpp"] = llama_cpp(bin_dir, args.model, args.threads)
+        results["llama.cpp"] = llama_cpp(bin_dir, args.model, args.threads, args.batches)
         print("llama.cpp done", flush=True)
     if not args.skip_transformers:
         for dtype in ("fp32", "bf16"):
-            results[f"transformers {dtype}"] = _worker("transformers", args, ["--dtype", dtype])
+            results[f"transformers {dtype}"] = _worker("transformers", args, ["--dtype", dtype, *batches])
             print(f"transformers {dtype} done", flush=True)
-    _print_speed_table(results, bandwidth)
+    _print_speed_table(results, bandwidth, args.batches)
+    if args.plot:
+        _plot_sweep(results, args.batches, args.plot, f"{Path(args.model).name}, {args.threads} threads\n"
+                                                       f"{_cpu_label()}")
     quality = {}
     if not args.skip_quality:
         text = args.text or str(_default_text())
-        quality["lmserve"] = _worker("quality", args, ["--text", text, "--max-windows", str(args.max_windows)])
+        for precision in ("fp32", "bf16"):
+            name = "lmserve" if precision == "fp32" else "lmserve, bf16 prefill GEMMs"
+            quality[name] = _worker("quality", args, ["--text", text, "--max-windows", str(args.max_windows),
+                                                      "--prefill-precision", precision])
         if bin_dir is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 reference = str(Path(tmp) / "reference-f32.gguf")
@@ -313,16 +346,17 @@ def main() -> None:
 
 ROWS = [("load_s", "load time (s)"), ("prefill", f"prefill tok/s ({PROMPT_TOKENS}-token prompt)"),
         ("decode_b1", f"decode tok/s, batch 1 ({DECODE_TOKENS} tokens)"),
-        *[(f"decode_x{n}", f"aggregate decode tok/s, {n} sequences") for n in PARALLEL],
         ("rss_mib", "peak RSS (MiB)")]
 
 
-def _print_speed_table(results: dict[str, dict], bandwidth: float) -> None:
+def _print_speed_table(results: dict[str, dict], bandwidth: float, batches: list[int]) -> None:
     ours = results["lmserve"]
     peers = [name for name in results if name != "lmserve"]
     header = ["metric", "lmserve", *peers, *[f"lmserve / {p}" for p in peers]]
     print("\n| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
-    for key, label in ROWS:
+    rows = [*ROWS[:3], ("prefill_bf16", f"prefill tok/s, bf16 GEMMs (--prefill-precision bf16)"),
+            *[(f"decode_x{n}", f"aggregate decode tok/s, {n} sequences") for n in batches if n > 1], ROWS[3]]
+    for key, label in rows:
         cells = [label, _fmt(ours.get(key))] + [_fmt(results[p].get(key)) for p in peers]
         cells += [_ratio(ours.get(key), results[p].get(key)) for p in peers]
         print("| " + " | ".join(cells) + " |")
@@ -334,6 +368,38 @@ def _print_speed_table(results: dict[str, dict], bandwidth: float) -> None:
     if "llama.cpp" in results:
         theirs = per_token * results["llama.cpp"]["decode_b1"] / 1e9
         print(f"llama.cpp at the same bytes per token: {theirs:.1f} GB/s, {100 * theirs / bandwidth:.0f}%")
+
+
+def _plot_sweep(results: dict[str, dict], batches: list[int], path: str, title: str) -> None:
+    """Aggregate decode tokens/s against the number of sequences, one line per engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, figures in results.items():
+        points = [(n, figures.get(f"decode_x{n}")) for n in batches]
+        points = [(n, v) for n, v in points if v]
+        ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(n) for n in batches])
+    ax.set_xlabel("sequences decoded together")
+    ax.set_ylabel("aggregate decode tokens/s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+def _cpu_label() -> str:
+    from lmserve.quant.native import describe_cpu
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "CPU") if Path("/proc/cpuinfo").exists() else "CPU"
+    return f"{model}; {describe_cpu()}"
 
 
 def _print_quality_table(quality: dict[str, dict]) -> None:
