@@ -100,7 +100,7 @@ def main() -> None:
                                                           "its cold generate side by side")
     args = parser.parse_args()
 
-    from lmserve.quant.native import describe_cpu, load
+    from lmserve.quant.native import cpu_name, describe_cpu, load
 
     load()  # build the native kernels now if this is their first use, so no run below pays for it
     from lmserve.default_model import DEFAULT_MODEL, resolve_embedded
@@ -119,7 +119,7 @@ def main() -> None:
         if args.llama_bin:
             runs["llama"].append(_llama_generate(args.llama_bin, model, args.threads, context))
 
-    print(f"CPU: {_cpu_name()} ({describe_cpu()}); {os.cpu_count()} CPUs online, load average "
+    print(f"CPU: {cpu_name()} ({describe_cpu()}); {os.cpu_count()} CPUs online, load average "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; threads: {args.threads or 'default'}; "
           f"KV cache {args.kv_cache_memory}; {args.repeat} runs each")
 
@@ -144,16 +144,6 @@ def main() -> None:
         for key, label in (("first_output", "first output"), ("wall", "exit"), ("rss", "peak RSS")):
             ratio = statistics.median(column("cli", key)) / statistics.median(column("llama", key))
             print(f"  lmserve / llama.cpp, {label} (medians): {ratio:.2f}x")
-
-
-def _cpu_name() -> str:
-    """The model name from /proc/cpuinfo, and the cores this process may use."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        name = ""
-    return f"{name or 'unknown CPU'}, {len(os.sched_getaffinity(0))} cores"
 
 
 if __name__ == "__main__":

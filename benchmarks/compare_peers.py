@@ -395,11 +395,9 @@ def _plot_sweep(results: dict[str, dict], batches: list[int], path: str, title: 
 
 
 def _cpu_label() -> str:
-    from lmserve.quant.native import describe_cpu
+    from lmserve.quant.native import cpu_name, describe_cpu
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "CPU") if Path("/proc/cpuinfo").exists() else "CPU"
-    return f"{model}; {describe_cpu()}"
+    return f"{cpu_name()}; {describe_cpu()}"
 
 
 def _print_quality_table(quality: dict[str, dict]) -> None:

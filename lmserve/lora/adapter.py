@@ -39,9 +39,9 @@ _TENSOR_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[\w-]+)?\.w
 
 @dataclass(eq=False)
 class LoRAAdapter:
-    """A loaded adapter: per lmserve module path, (A [R, in], scaling * B [out, R]) stored as
-    the engine's `lora_dtype` (`manager.lora_dtype`). `cache_salt` separates its prefix-cache entries from the base model's and
-    from another version of the same directory."""
+    """A loaded adapter: per lmserve module path, (A [R, in], scaling * B [out, R]) stored as the
+    engine's `lora_dtype` (`manager.lora_dtype`). `cache_salt` separates its prefix-cache entries
+    from the base model's and from another version of the same directory."""
 
     request: LoRARequest
     rank: int  # the largest rank of any module

@@ -7,8 +7,9 @@ they hold the adapter object, only new requests can no longer name it.
 
 `LoRABatch` is shared by every `Linear` of the model on the module path: before a forward the
 runner lays the step's tokens out grouped by adapter and tells it which span of rows belongs to
-which adapter (`begin_step`); each projection then adds `(x[span] @ A^T) @ B^T` to those rows of its output,
-in place — one pair of matmuls per adapter in the step, none per request, nothing for base rows.
+which adapter (`begin_step`); each projection then adds `(x[span] @ A^T) @ B^T` to those rows of
+its output, in place — one pair of matmuls per adapter in the step, none per request, nothing for
+base rows.
 The fused native decoder takes the same spans (`adapter_spans`) and does the same in C++.
 """
 

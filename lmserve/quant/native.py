@@ -68,6 +68,17 @@ def cpu_features() -> dict[str, bool]:
             "AVX-512 VNNI": torch.cpu._is_vnni_supported(), "AVX-512 BF16": torch.cpu._is_avx512_bf16_supported()}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one) and the cores this process may
+    use, for benchmark reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or 'unknown CPU'}, {len(os.sched_getaffinity(0))} cores"
+
+
 def describe_cpu() -> str:
     """One line for logs and benchmark reports: which vector extensions this CPU has, and which
     native kernel variant runs (once `load()` has chosen one)."""

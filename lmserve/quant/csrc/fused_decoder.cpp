@@ -226,8 +226,8 @@ struct KvCache {
 
 // One LoRA adapter's factors for the decoder's projections: per layer and projection (qkv, o, up,
 // down) a list of blocks, each A [r, K] and B^T [r, n] (B already scaled), fp32 or bf16 as the
-// adapter holds them, updating the n outputs from `offset` — a fused projection's shards (q, k, v; gate, up) as separate blocks, so
-// the zeros between them are neither stored nor multiplied.
+// adapter holds them, updating the n outputs from `offset` — a fused projection's shards (q, k,
+// v; gate, up) as separate blocks, so the zeros between them are neither stored nor multiplied.
 class LoraFactors {
  public:
   enum Projection { kQkv = 0, kO = 1, kUp = 2, kDown = 3 };
@@ -235,7 +235,8 @@ class LoraFactors {
   struct Block {
     torch::Tensor a, bt;
     int64_t offset;
-    bool bf16;
+
+    bool bf16() const { return a.scalar_type() == torch::kBFloat16; }
   };
 
   // `layers`: per layer a sequence of 4 lists of (A [r, K], B [n, r], offset).
@@ -253,7 +254,7 @@ class LoraFactors {
           TORCH_CHECK(a.scalar_type() == b.scalar_type() &&
                           (a.scalar_type() == torch::kFloat32 || a.scalar_type() == torch::kBFloat16),
                       "LoRA factors must both be fp32 or both bf16");
-          blocks[i].push_back(Block{a, b.t().contiguous(), t[2].cast<int64_t>(), a.scalar_type() == torch::kBFloat16});
+          blocks[i].push_back(Block{a, b.t().contiguous(), t[2].cast<int64_t>()});
         }
       }
       layers_.push_back(std::move(blocks));
@@ -565,7 +566,7 @@ class FusedDecoder {
       for (int64_t r = 0; r < job.rows; ++r) {
         const float* xr = x + (job.start + r) * K;
         t[job.offset + r * job.rank + rank_row] =
-            b.bf16 ? k.dot_bf16(xr, static_cast<const uint16_t*>(b.a.data_ptr()) + rank_row * K, K)
+            b.bf16() ? k.dot_bf16(xr, static_cast<const uint16_t*>(b.a.data_ptr()) + rank_row * K, K)
                    : k.dot(xr, b.a.data_ptr<float>() + rank_row * K, K);
       }
     };
@@ -576,7 +577,7 @@ class FusedDecoder {
       for (int64_t r = 0; r < job.rows; ++r) {
         const float* coef = t + job.offset + r * job.rank;
         float* y = out + (job.start + r) * N + lo;
-        if (b.bf16)
+        if (b.bf16())
           k.add_combination_bf16(coef, job.rank, static_cast<const uint16_t*>(b.bt.data_ptr()) + (lo - first), n, y,
                                  hi - lo);
         else
