@@ -8,9 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
 
 from lmserve import LLM, SamplingParams
 from lmserve.quant import native
+from lmserve.quant.gguf_blocks import decode
 from lmserve.quant.packed import BlockWeight, quantize_int4, quantize_int8
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="the C++ extension did not build here")
@@ -32,7 +35,7 @@ def _run(name: str, f, *args):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("form", ["int4", "int8", "int8-group16"])
+@pytest.mark.parametrize("form", ["int4", "int8", "int8-group16", "Q4_0", "Q4_1"])
 @pytest.mark.parametrize("rows, cols", [(43, 96), (200, 576), (1539, 64)])  # odd row counts, partial blocks
 def test_block_matmul_equals_avx2_and_numpy(variant, form, rows, cols):
     """Every batch size 1..40 (all tile heights and their remainders): the variant's output is
@@ -40,8 +43,10 @@ def test_block_matmul_equals_avx2_and_numpy(variant, form, rows, cols):
     the dequantized weight to 1e-4 relative; each output row is the same computed alone."""
     ext = _require(variant)
     weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
+    gguf = lambda name: decode(quantize(weight.numpy(), GGMLQuantizationType[name]), name, (rows, cols))  # noqa: E731
     gq = {"int4": lambda: quantize_int4(weight), "int8": lambda: quantize_int8(weight),
-          "int8-group16": lambda: quantize_int8(weight, group=16)}[form]()
+          "int8-group16": lambda: quantize_int8(weight, group=16),
+          "Q4_0": lambda: gguf("Q4_0"), "Q4_1": lambda: gguf("Q4_1")}[form]()  # fp16 scales, Q4_0 centred
     packed = BlockWeight(gq, ext)
     dense = gq.dequantize().astype(np.float64)
     x = torch.randn(40, cols, generator=torch.Generator().manual_seed(cols))

@@ -83,6 +83,22 @@ def test_packed_matmul_equals_fp32_dequantized_matmul(form, type_name, rows, bat
     torch.testing.assert_close(weight.dequantize(), torch.from_numpy(reference), rtol=0, atol=bf16_rounding)
 
 
+@pytest.mark.parametrize("type_name, centred, scale_dtype", [
+    ("Q4_0", True, torch.float16), ("Q4_1", False, torch.float16), ("Q8_0", True, torch.float16),
+    ("Q5_1", False, torch.float16), ("Q4_K", False, torch.float32), ("Q6_K", True, torch.float32)])
+def test_native_storage_keeps_fp16_scales_where_exact(type_name, centred, scale_dtype):
+    """GGUF's simple formats store fp16 scales, which our layout keeps as they are (a sixth fewer
+    bytes per matmul); K formats' scales are products of two, kept fp32. Symmetric formats store
+    no offsets (4-bit ones centred on 8). The dequantized weight is the file's, exactly."""
+    raw, reference = _quantized(type_name, 43, 256, seed=3)
+    weight = _native_form(decode(raw, type_name, (43, 256)))
+    assert weight.scale.dtype == scale_dtype
+    assert (weight.bias.numel() == 0) == centred
+    if not centred:
+        assert weight.bias.dtype == scale_dtype
+    torch.testing.assert_close(weight.dequantize(), torch.from_numpy(reference), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("type_name", QUANTIZABLE + K_TYPES)
 def test_fallback_dequantize_equals_gguf_values(type_name):
     """The fallback's dense weight (prefill without the native kernels) comes from values in a

@@ -1,7 +1,8 @@
 """Weights held in packed integer form, and the matmul over each.
 
-- `BlockWeight`: our C++ kernel's storage (4-bit or int8 values, fp32 group scales and offsets),
-  computed with fp32 activations; the default wherever the extension builds.
+- `BlockWeight`: our C++ kernel's storage (4-bit or int8 values, group scales and offsets in fp16
+  where that is exact, else fp32), computed with fp32 activations; the default wherever the
+  extension builds.
 - `Int4Weight`: values in groups of 32 along the input dim, packed for PyTorch's CPU
   weight-only kernel `_weight_int4pack_mm_for_cpu` (w = (u - 8) * scale + zero). GGUF Q4_0, Q4_1
   and Q4_K map onto it directly, wider formats with groups of 32 (Q5_0, Q5_1, Q5_K, Q8_0) as two
@@ -71,6 +72,12 @@ def interleave_blocks(values: np.ndarray, bits: int, group: int) -> np.ndarray:
     return np.ascontiguousarray(pairs).view(np.uint8).reshape(n, -1, group * 4)
 
 
+def _fits_half(a: np.ndarray) -> bool:
+    """Whether fp16 holds every value of `a` exactly (GGUF's simple formats store fp16 scales)."""
+    with np.errstate(over="ignore"):
+        return bool(np.array_equal(a.astype(np.float16).astype(np.float32), a))
+
+
 def interleave_groups(per_group: np.ndarray) -> np.ndarray:
     """Scales or offsets [rows, groups] -> [ceil(rows / 8), groups, 8] fp32."""
     return np.ascontiguousarray(_row_blocks(per_group.astype(np.float32)).transpose(0, 2, 1))
@@ -78,10 +85,11 @@ def interleave_groups(per_group: np.ndarray) -> np.ndarray:
 
 class BlockWeight(KernelOrGemmWeight):
     """Our C++ kernel's storage (`quant/csrc/block_matmul.cpp`): 4-bit values two per byte, or
-    any other format as int8, with fp32 scales and offsets per group of 16 or 32, interleaved in
-    blocks of 8 rows. Activations stay fp32, so both paths match dequantize-then-matmul in fp32
-    up to summation order: few rows run the kernel, more rows dequantize a slab of rows at a time
-    into a cache-sized scratch buffer and multiply it with GEMM."""
+    any other format as int8, with scales and offsets per group of 16 or 32 (fp16 where that
+    holds them exactly, else fp32), interleaved in blocks of 8 rows. Activations stay fp32, so
+    both paths match dequantize-then-matmul in fp32 up to summation order: few rows run the
+    kernel, more rows dequantize a slab of rows at a time into a cache-sized scratch buffer and
+    multiply it with GEMM."""
 
     kernel_max_rows = 32  # measured crossover with the slab GEMM on a 2-core Zen 3
     # The slab GEMM's operand type: bfloat16 (`prefill_precision="bf16"`) runs it through
@@ -98,12 +106,17 @@ class BlockWeight(KernelOrGemmWeight):
             self.bits = 4
             q = gq.q.astype(np.int8, copy=False)
             values = (q - np.int8(low) if low else q).view(np.uint8)  # 0-15 (int8 arithmetic wraps)
-            bias = low * gq.scale + (gq.bias if gq.bias is not None else 0.0)
+            # Symmetric values in -8..7 (Q4_0) are stored centred, without offsets.
+            centred = gq.bias is None and low == -8
+            bias = None if centred else low * gq.scale + (gq.bias if gq.bias is not None else 0.0)
         else:
             self.bits, values, bias = 8, gq.q.astype(np.int8, copy=False), gq.bias
         self.register_buffer("q", torch.from_numpy(interleave_blocks(values, self.bits, self.group)))
-        self.register_buffer("scale", torch.from_numpy(interleave_groups(gq.scale)))
-        self.register_buffer("bias", torch.empty(0) if bias is None else torch.from_numpy(interleave_groups(bias)))
+        per_group = [interleave_groups(gq.scale)] + ([] if bias is None else [interleave_groups(bias)])
+        if all(_fits_half(a) for a in per_group):
+            per_group = [a.astype(np.float16) for a in per_group]
+        self.register_buffer("scale", torch.from_numpy(per_group[0]))
+        self.register_buffer("bias", torch.from_numpy(per_group[1]) if len(per_group) == 2 else torch.empty(0))
 
     def _dequantize_into(self, first_row: int, out: torch.Tensor) -> None:
         self.native.block_dequantize(self.q, self.scale, self.bias, self.group, self.bits, self.out_features,

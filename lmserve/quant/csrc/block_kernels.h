@@ -27,8 +27,11 @@
 
 namespace lmserve {
 
-// A weight [N, K] as small integers with one fp32 scale (and optional fp32 offset) per group of
-// `group` consecutive columns of a row: w[n, k] = q[n, k] * scale[n, g] + bias[n, g].
+// A weight [N, K] as small integers with one scale (and optional offset) per group of `group`
+// consecutive columns of a row: w[n, k] = q[n, k] * scale[n, g] + bias[n, g]. 4-bit values
+// without offsets are centred instead, w = (q - 8) * scale (GGUF's Q4_0). Scales and offsets are
+// fp32, or fp16 (`half`) where that holds them exactly (the simple GGUF formats store fp16), which
+// cuts the bytes a matmul reads by a sixth.
 //
 // Rows are stored in blocks of 8 (the last block padded with zero rows), each block group by
 // group, so that 16 int16 hold a "chunk": 2 consecutive columns of all 8 rows ([r0 c, r0 c+1,
@@ -42,13 +45,14 @@ namespace lmserve {
 // bits = 4 (values 0-15): chunks 2u and 2u+1 share 16 bytes, chunk 2u in bytes 0-7 and chunk
 //   2u+1 in bytes 8-15; rows 0-3 sit in the low nibbles of bytes 2j, 2j + 1 (+8) and rows 4-7 in
 //   the high nibbles of bytes 2(j-4), 2(j-4) + 1 (+8).
-// Scales and offsets are [blocks, groups, 8] fp32. lmserve/quant/packed.py writes this layout.
+// Scales and offsets are [blocks, groups, 8]. lmserve/quant/packed.py writes this layout.
 struct BlockMatrix {
   const uint8_t* q;
-  const float* scale;
-  const float* bias;  // nullptr when the format has no offsets
+  const void* scale;  // fp32, or fp16 when `half`
+  const void* bias;   // the same type; nullptr when the format has no offsets
   int64_t N, K, group;
   int bits;
+  bool half;
 
   int64_t blocks() const { return (N + 7) / 8; }
   int64_t groups() const { return K / group; }

@@ -14,15 +14,19 @@ BlockMatrix block_matrix(const torch::Tensor& q, const torch::Tensor& scale, con
                          int64_t group, int64_t bits, int64_t rows) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   TORCH_CHECK(bits == 8 ? (group == 16 || group == 32) : group == 32, "unsupported group size");
-  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == torch::kFloat32);
+  const bool half = scale.scalar_type() == torch::kFloat16;
+  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && (half || scale.scalar_type() == torch::kFloat32),
+              "scales must be contiguous fp32 or fp16");
   TORCH_CHECK(scale.dim() == 3 && scale.size(2) == 8 && scale.size(0) == (rows + 7) / 8,
               "scales must be [row blocks, groups, 8]");
   const bool has_bias = bias.defined() && bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.is_contiguous() && bias.sizes() == scale.sizes()));
+  TORCH_CHECK(!has_bias || (bias.is_contiguous() && bias.sizes() == scale.sizes() &&
+                            bias.scalar_type() == scale.scalar_type()),
+              "offsets must have the scales' shape and type");
   const int64_t K = scale.size(1) * group;
   TORCH_CHECK(q.numel() == scale.size(0) * 8 * K * bits / 8, "packed values do not match the scales' shape");
-  return BlockMatrix{reinterpret_cast<const uint8_t*>(q.data_ptr()), scale.data_ptr<float>(),
-                     has_bias ? bias.data_ptr<float>() : nullptr, rows, K, group, static_cast<int>(bits)};
+  return BlockMatrix{reinterpret_cast<const uint8_t*>(q.data_ptr()), scale.data_ptr(),
+                     has_bias ? bias.data_ptr() : nullptr, rows, K, group, static_cast<int>(bits), half};
 }
 
 namespace {

@@ -109,7 +109,11 @@ struct Vec {
     }
   }
 
-  static F load_rows(const float* p, int64_t) { return _mm256_loadu_ps(p); }
+  // The 8 scales or offsets from element i of a BlockMatrix array (fp16 when `half`).
+  static F load_rows(const void* base, bool half, int64_t i, int64_t) {
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
+    return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+  }
 
   static void store_rows(float* p, F v, int64_t valid) {
     if (valid == 8) {
@@ -157,15 +161,19 @@ inline void dequantize_block_group(const BlockMatrix& w, int64_t block, int64_t 
                                    int64_t end_lane, const RowOut& row) {
   const int64_t G = w.groups();
   const uint8_t* values = w.q + (block * G + g) * w.group_bytes();
-  const float* scale = w.scale + (block * G + g) * 8;
-  const float* bias = w.bias != nullptr ? w.bias + (block * G + g) * 8 : nullptr;
+  const int64_t first = (block * G + g) * 8;  // this block and group's first scale
+  auto value = [&](const void* base, int64_t j) {
+    return w.half ? _cvtsh_ss(static_cast<const uint16_t*>(base)[first + j]) : static_cast<const float*>(base)[first + j];
+  };
   for (int half = 0; half < GROUP / 16; ++half) {
     __m256i chunks[8];  // 8 chunks: columns 16 * half .. + 15
     for (int u = 0; u < 4; ++u) Vec::load_unit<BITS>(values, 0, 4 * half + u, chunks[2 * u], chunks[2 * u + 1]);
     transpose8(chunks);  // chunks[j]: row j's 16 columns as int16
     for (int64_t j = first_lane; j < end_lane; ++j) {
       float* dst = row(j) + g * GROUP + 16 * half;
-      const __m256 s = _mm256_set1_ps(scale[j]), b = _mm256_set1_ps(bias != nullptr ? bias[j] : 0.0f);
+      const float scale = value(w.scale, j);
+      const float offset = w.bias != nullptr ? value(w.bias, j) : BITS == 4 ? -8.0f * scale : 0.0f;
+      const __m256 s = _mm256_set1_ps(scale), b = _mm256_set1_ps(offset);
       const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(chunks[j])));
       const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(chunks[j], 1)));
       _mm256_storeu_ps(dst, _mm256_fmadd_ps(lo, s, b));

@@ -106,8 +106,16 @@ struct Vec {
     }
   }
 
-  // The 8 floats at p and the 8 at p + next.
-  static F load_rows(const float* p, int64_t next) {
+  // The 8 scales or offsets from element i of a BlockMatrix array (fp16 when `half`) and the 8
+  // from element i + next.
+  static F load_rows(const void* base, bool half, int64_t i, int64_t next) {
+    if (half) {
+      const uint16_t* p = static_cast<const uint16_t*>(base) + i;
+      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + next));
+      return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+    }
+    const float* p = static_cast<const float*>(base) + i;
     const __m512d lo = _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(p)));
     return _mm512_castpd_ps(_mm512_insertf64x4(lo, _mm256_castps_pd(_mm256_loadu_ps(p + next)), 1));
   }

@@ -7,9 +7,9 @@
 // rows (kFloats = 8 * kBlocks: lane i of a dot product belongs to weight row 8 * block + i), the
 // element-wise operations used below, and for the block layout: load_unit (a unit of kBlocks
 // consecutive blocks, given the byte offset from one block's data to the next's, 0 to read the
-// same block again), dot2 (int16 pair products added into int32 lanes), iadd, load_rows / store_rows
-// (per-row floats of kBlocks blocks, stores cut at `valid` rows) and kTileRows (activation rows
-// per tile of the matmul).
+// same block again), dot2 (int16 pair products added into int32 lanes), iadd, load_rows /
+// store_rows (per-row scales, offsets or outputs of kBlocks blocks, stores cut at `valid` rows)
+// and kTileRows (activation rows per tile of the matmul).
 //
 // Matmul: activations enter as fp32 and are carried as int16 per row and group (relative error
 // 2^-16 of the group's largest value, far below bf16's 2^-9), so a group's dot products are exact
@@ -166,8 +166,9 @@ inline void tile(const QuantizedActivations& a, int64_t m0, const BlockMatrix& w
   const bool has_next = block + 1 < w.blocks();
   const int64_t next_values = has_next ? G * group_bytes : 0, next_rows = has_next ? G * 8 : 0;
   const uint8_t* wq = w.q + block * G * group_bytes;
-  const float* ws = w.scale + block * G * 8;
-  const float* wb = w.bias != nullptr ? w.bias + block * G * 8 : nullptr;
+  const int64_t first_scale = block * G * 8;
+  // Offsets per group: stored, or -8 * scale for centred 4-bit values, or none.
+  const bool has_offset = w.bias != nullptr || BITS == 4;
   const int16_t* xq = a.q.data() + m0 * K;
   const float* xs = a.scale.data() + m0 * G;
   const float* xsum = a.sum.data() + m0 * G;
@@ -190,11 +191,13 @@ inline void tile(const QuantizedActivations& a, int64_t m0, const BlockMatrix& w
         dot[r][u % S] = V::dot2(dot[r][u % S], first, V::pair(x), second, V::pair(x + 2));
       }
     }
-    const F scale = V::load_rows(ws + 8 * g, next_rows);
+    const F scale = V::load_rows(w.scale, w.half, first_scale + 8 * g, next_rows);
+    const F offset = w.bias != nullptr ? V::load_rows(w.bias, w.half, first_scale + 8 * g, next_rows)
+                                       : V::mul(scale, V::set1(-8.0f));
     for (int r = 0; r < R; ++r) {
       if constexpr (S == 2) dot[r][0] = V::iadd(dot[r][0], dot[r][1]);
       acc[r] = V::fmadd(V::to_float(dot[r][0]), V::mul(scale, V::set1(xs[r * G + g])), acc[r]);
-      if (wb != nullptr) acc[r] = V::fmadd(V::load_rows(wb + 8 * g, next_rows), V::set1(xsum[r * G + g]), acc[r]);
+      if (has_offset) acc[r] = V::fmadd(offset, V::set1(xsum[r * G + g]), acc[r]);
     }
   }
   const int64_t n0 = block * 8, valid = std::min<int64_t>(V::kFloats, w.N - n0);
