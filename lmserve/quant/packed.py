@@ -72,10 +72,12 @@ def interleave_blocks(values: np.ndarray, bits: int, group: int) -> np.ndarray:
     return np.ascontiguousarray(pairs).view(np.uint8).reshape(n, -1, group * 4)
 
 
-def _fits_half(a: np.ndarray) -> bool:
-    """Whether fp16 holds every value of `a` exactly (GGUF's simple formats store fp16 scales)."""
+def _exact_half(a: np.ndarray) -> np.ndarray | None:
+    """`a` as fp16 where that holds every value exactly (GGUF's simple formats store fp16
+    scales), else None."""
     with np.errstate(over="ignore"):
-        return bool(np.array_equal(a.astype(np.float16).astype(np.float32), a))
+        half = a.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), a) else None
 
 
 def interleave_groups(per_group: np.ndarray) -> np.ndarray:
@@ -113,8 +115,9 @@ class BlockWeight(KernelOrGemmWeight):
             self.bits, values, bias = 8, gq.q.astype(np.int8, copy=False), gq.bias
         self.register_buffer("q", torch.from_numpy(interleave_blocks(values, self.bits, self.group)))
         per_group = [interleave_groups(gq.scale)] + ([] if bias is None else [interleave_groups(bias)])
-        if all(_fits_half(a) for a in per_group):
-            per_group = [a.astype(np.float16) for a in per_group]
+        halves = [_exact_half(a) for a in per_group]
+        if all(h is not None for h in halves):
+            per_group = halves
         self.register_buffer("scale", torch.from_numpy(per_group[0]))
         self.register_buffer("bias", torch.from_numpy(per_group[1]) if len(per_group) == 2 else torch.empty(0))
 
