@@ -177,9 +177,13 @@ inline void tile(const QuantizedActivations& a, int64_t m0, const BlockMatrix& w
   constexpr int S = 4 * R <= V::kTileRows ? 2 : 1;
   F acc[R];
   for (int r = 0; r < R; ++r) acc[r] = V::zero();
+  const int64_t block_values = G * group_bytes;  // from one block's values to the next's
   for (int64_t g = 0; g < G; ++g, wq += group_bytes) {
-    for (int b = 0; b < V::kBlocks; ++b)
-      _mm_prefetch(reinterpret_cast<const char*>(wq + b * next_values + 8 * group_bytes), _MM_HINT_T0);
+    // This group of the next tile's blocks, so that their reads from memory overlap this tile's
+    // work (with many rows a tile computes long enough to hide them entirely).
+    for (int b = V::kBlocks; b < 2 * V::kBlocks; ++b)
+      for (int64_t line = 0; line < group_bytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(wq + b * block_values + line), _MM_HINT_T0);
     I dot[R][S];
     for (int r = 0; r < R; ++r)
       for (int s = 0; s < S; ++s) dot[r][s] = V::izero();
