@@ -7,6 +7,7 @@ runs a sliding-window model and checks released blocks against transformers' tok
 
 from collections import Counter
 
+import pytest
 import torch
 
 from hypothesis import given, settings
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from lmserve import LLM, SamplingParams as Params
 from lmserve.engine.block_manager import COPY, NO_BLOCK, SWAP_IN, SWAP_OUT, BlockManager
-from lmserve.engine.scheduler import Scheduler
+from lmserve.engine.scheduler import MIN_PREFILL_CHUNK, Scheduler
 from lmserve.engine.sequence import Request, Sequence, SequenceStatus
 from lmserve.sampling_params import SamplingParams
 from tests.probes import used_blocks_per_step
@@ -140,6 +141,34 @@ def test_long_prompt_is_chunked_under_the_token_budget():
         chunks.append(r.num_tokens)
         seq.num_computed_tokens += r.num_tokens
     assert chunks == [16, 16, 8]
+
+
+@pytest.mark.parametrize("decoding, chunk", [(0, 2048), (1, 1024), (8, 227), (15, 128), (40, MIN_PREFILL_CHUNK)])
+def test_prompt_chunks_shrink_as_more_streams_decode(decoding, chunk):
+    """While D sequences decode, a step takes at most budget / (D + 1) prompt tokens (at least
+    MIN_PREFILL_CHUNK), so the decoding streams' steps stay short; every stream still decodes in
+    every step, and the prompt is done in ceil(prompt / chunk) steps."""
+    bm = BlockManager(4096, 16)
+    sched = Scheduler(bm, 64, 2048)
+    streams = [_make_seq(i, 4, 100) for i in range(decoding)]
+    for seq in streams:
+        sched.add(seq)
+    for r in sched.schedule():  # their prompts, then they decode
+        r.seq.num_computed_tokens += r.num_tokens
+        r.seq.token_ids.append(1)
+    prompt = _make_seq(decoding, 3000, 1)
+    sched.add(prompt)
+    steps = 0
+    while prompt.num_computed_tokens < prompt.num_tokens:
+        step = {r.seq: r.num_tokens for r in sched.schedule()}
+        assert all(step[s] == 1 for s in streams)
+        assert step[prompt] == min(chunk, prompt.num_tokens - prompt.num_computed_tokens)
+        for seq, n in step.items():
+            seq.num_computed_tokens += n
+            if seq is not prompt:
+                seq.token_ids.append(1)
+        steps += 1
+    assert steps == -(-3000 // chunk)
 
 
 def test_prefix_cache_reuses_full_blocks_and_reports_hits():

@@ -5,7 +5,11 @@ running sequences first (one decode token, or the next chunk of a prompt), then 
 arrival order while the token budget (`max_num_batched_tokens`), the sequence budget
 (`max_num_seqs`) and the free KV blocks allow; a request on a LoRA adapter waits while
 `max_loras` other adapters are running. A long prompt is split into chunks that fit the
-budget, so it shares steps with other sequences' decode tokens. A sequence admitted from the
+budget, so it shares steps with other sequences' decode tokens. While D sequences decode, the
+prompt tokens of a step are capped at the budget / (D + 1) (at least `MIN_PREFILL_CHUNK`): a
+step's time grows with its prompt tokens, and every decoding stream waits for the step, so the
+more streams decode, the smaller the chunk that keeps their token cadence (with nothing
+decoding a prompt gets the whole budget, for the shortest time to first token). A sequence admitted from the
 queue first adopts whatever prefix of it the block manager has cached. A request that will fork
 (n / best_of samples, beams) is admitted only if all its sequences fit `max_num_seqs`.
 
@@ -26,6 +30,11 @@ from collections import deque
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from lmserve.engine.sequence import Sequence, SequenceStatus
+
+
+# The smallest prompt chunk a step takes while others decode: smaller chunks would spend more of
+# each step re-reading the weights than computing the prompt.
+MIN_PREFILL_CHUNK = 64
 
 
 class Scheduler:
@@ -127,15 +136,26 @@ class Scheduler:
         self.block_manager.trim(seq, seq.num_computed_tokens + 1)
         self.block_manager.register_full_blocks(seq)
 
+    def _prompt_budget(self) -> int:
+        """How many prompt tokens this step may take: the budget shared with the decoding streams."""
+        decoding = sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1)
+        if decoding == 0:
+            return self.max_num_batched_tokens
+        return max(min(MIN_PREFILL_CHUNK, self.max_num_batched_tokens), self.max_num_batched_tokens // (decoding + 1))
+
     def _schedule(self) -> list[ScheduledSequence]:
         budget = self.max_num_batched_tokens
+        prompt_budget = self._prompt_budget()
         scheduled: list[ScheduledSequence] = []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             pending = seq.num_tokens - seq.num_computed_tokens
-            n = min(pending + len(seq.spec_token_ids), budget)
+            if pending > 1 and prompt_budget <= 0:  # a prompt chunk, and this step has its share
+                i += 1
+                continue
+            n = min(pending + len(seq.spec_token_ids), budget) if pending == 1 else min(pending, budget, prompt_budget)
             del seq.spec_token_ids[max(0, n - pending):]  # proposals beyond the budget wait
             if seq.awaits_beam_step:
                 i += 1
@@ -150,6 +170,8 @@ class Scheduler:
                 break
             scheduled.append(ScheduledSequence(seq, n, len(seq.spec_token_ids)))
             budget -= n
+            if pending > 1:
+                prompt_budget -= n
             i += 1
         # After a preemption the pool is known to be short: admit nobody new this step.
         admitted = []
@@ -161,9 +183,15 @@ class Scheduler:
             lora = seq.request.lora
             if seq.awaits_beam_step or (lora is not None and lora not in adapters and len(adapters) >= self.max_loras):
                 continue
-            n = self._admit(seq, budget)
+            pending = seq.num_tokens - seq.num_computed_tokens
+            limit = budget if pending == 1 else min(budget, prompt_budget)  # a swapped-out decode, or a prompt
+            if limit <= 0:
+                break
+            n = self._admit(seq, limit)
             if n is None:
                 break
+            if pending > 1:
+                prompt_budget -= n
             admitted.append(seq)
             if lora is not None:
                 adapters.add(lora)

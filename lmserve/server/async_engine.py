@@ -332,6 +332,7 @@ class AsyncEngine:
                 logger.exception("engine step failed; failing %d request(s) in flight", len(self._streams))
             self._fail_all(EngineStepError(f"the model step failed ({type(exc).__name__}: {exc})"))
             return
+        self._publish_stats()  # before the outputs: a client that sees a token sees the figures of its step
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
