@@ -143,7 +143,7 @@ def test_long_prompt_is_chunked_under_the_token_budget():
     assert chunks == [16, 16, 8]
 
 
-@pytest.mark.parametrize("decoding, chunk", [(0, 2048), (1, 1024), (8, 227), (15, 128), (40, MIN_PREFILL_CHUNK)])
+@pytest.mark.parametrize("decoding, chunk", [(0, 2048), (1, 1024), (3, 512), (5, 341), (40, MIN_PREFILL_CHUNK)])
 def test_prompt_chunks_shrink_as_more_streams_decode(decoding, chunk):
     """While D sequences decode, a step takes at most budget / (D + 1) prompt tokens (at least
     MIN_PREFILL_CHUNK), so the decoding streams' steps stay short; every stream still decodes in
