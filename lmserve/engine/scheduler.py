@@ -9,9 +9,10 @@ budget, so it shares steps with other sequences' decode tokens. While D sequence
 prompt tokens of a step are capped at the budget / (D + 1) (at least `MIN_PREFILL_CHUNK`): a
 step's time grows with its prompt tokens, and every decoding stream waits for the step, so the
 more streams decode, the smaller the chunk that keeps their token cadence (with nothing
-decoding a prompt gets the whole budget, for the shortest time to first token). A sequence admitted from the
-queue first adopts whatever prefix of it the block manager has cached. A request that will fork
-(n / best_of samples, beams) is admitted only if all its sequences fit `max_num_seqs`.
+decoding, a prompt gets the whole budget, for the shortest time to first token). A sequence
+admitted from the queue first adopts whatever prefix of it the block manager has cached. A
+request that will fork (n / best_of samples, beams) is admitted only if all its sequences fit
+`max_num_seqs`.
 
 When a running sequence needs a block and none is free, the newest running sequence is
 preempted and goes back to the front of the queue. Under `preemption_mode="recompute"` its
@@ -142,7 +143,8 @@ class Scheduler:
         decoding = sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1)
         if decoding == 0:
             return self.max_num_batched_tokens
-        return max(min(MIN_PREFILL_CHUNK, self.max_num_batched_tokens), self.max_num_batched_tokens // (decoding + 1))
+        share = self.max_num_batched_tokens // (decoding + 1)
+        return max(min(MIN_PREFILL_CHUNK, self.max_num_batched_tokens), share)
 
     def _schedule(self) -> list[ScheduledSequence]:
         budget = self.max_num_batched_tokens
