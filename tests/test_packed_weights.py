@@ -67,7 +67,7 @@ def _native_form(gq):
 @pytest.mark.parametrize("form", [_native_form, _torch_kernel_form], ids=["native", "torch-int4"])
 @pytest.mark.parametrize("type_name", QUANTIZABLE + K_TYPES)
 @pytest.mark.parametrize("rows", [43, 72])  # not multiples of 32 (int4 kernel blocks) or of 8 (ours)
-@pytest.mark.parametrize("batch", [1, 5, 48])  # kernel path for few rows, dequantize-then-GEMM for many
+@pytest.mark.parametrize("batch", [1, 5, 48, 600])  # kernel for few rows, GEMM past the variant's crossover
 def test_packed_matmul_equals_fp32_dequantized_matmul(form, type_name, rows, batch):
     cols = 256 if type_name in K_TYPES else 96
     raw, reference = _quantized(type_name, rows, cols, seed=rows)

@@ -57,7 +57,7 @@ def build_model(checkpoint: Checkpoint, engine_config: EngineConfig, max_model_l
             if engine_config.deterministic:
                 module.kernel_max_rows = 0
             if engine_config.prefill_precision == "bf16" and isinstance(module, BlockWeight):
-                module.gemm_dtype = torch.bfloat16
+                module.use_bf16_gemm()
     if engine_config.prefill_precision == "bf16" and not torch.cpu._is_avx512_bf16_supported():
         logger.warning("prefill_precision bf16: this CPU has no AVX512-BF16, so bf16 GEMMs are likely slower "
                        "than fp32 here")

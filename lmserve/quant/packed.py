@@ -27,7 +27,8 @@ from torch import nn
 from lmserve.quant import native
 from lmserve.quant.gguf_blocks import GroupQuantized
 
-# Matmuls with at most this many rows use the packed kernels; more rows dequantize and use GEMM.
+# Matmuls with at most this many rows use the packed kernels, more rows dequantize and use GEMM
+# (PyTorch's int4 kernel; our block kernel against a bf16 GEMM; BlockWeight asks its variant).
 KERNEL_MAX_ROWS = 32
 # Rows of the int4 kernel's weight are padded to a multiple of its largest row block (32 in
 # PyTorch's AVX2 build, 64 in its AVX-512 one), so every block is whole whichever build runs.
@@ -93,14 +94,17 @@ class BlockWeight(KernelOrGemmWeight):
     kernel, more rows dequantize a slab of rows at a time into a cache-sized scratch buffer and
     multiply it with GEMM."""
 
-    kernel_max_rows = 32  # measured crossover with the slab GEMM on a 2-core Zen 3
     # The slab GEMM's operand type: bfloat16 (`prefill_precision="bf16"`) runs it through
-    # oneDNN's bf16 kernels (AVX512-BF16 / AMX), inputs and outputs rounded to bf16.
+    # oneDNN's bf16 kernels (AVX512-BF16 / AMX), inputs and outputs rounded to bf16; that GEMM is
+    # fast enough that only KERNEL_MAX_ROWS rows stay on the kernel (`use_bf16_gemm`).
     gemm_dtype = torch.float32
 
     def __init__(self, gq: GroupQuantized, native):
         super().__init__()
         self.native = native
+        # The crossover with the fp32 slab GEMM of the kernel variant this CPU runs (32 rows for
+        # AVX2, 512 for AVX-512 VNNI).
+        self.kernel_max_rows = native.kernel_max_rows()
         low, high = gq.levels
         self.out_features, self.in_features = gq.shape
         self.group = gq.group
@@ -120,6 +124,10 @@ class BlockWeight(KernelOrGemmWeight):
             per_group = halves
         self.register_buffer("scale", torch.from_numpy(per_group[0]))
         self.register_buffer("bias", torch.from_numpy(per_group[1]) if len(per_group) == 2 else torch.empty(0))
+
+    def use_bf16_gemm(self) -> None:
+        self.gemm_dtype = torch.bfloat16
+        self.kernel_max_rows = min(self.kernel_max_rows, KERNEL_MAX_ROWS)
 
     def _dequantize_into(self, first_row: int, out: torch.Tensor) -> None:
         self.native.block_dequantize(self.q, self.scale, self.bias, self.group, self.bits, self.out_features,

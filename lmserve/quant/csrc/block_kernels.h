@@ -98,6 +98,8 @@ struct KvHead {
 struct IsaKernels {
   const char* name;   // for LMSERVE_NATIVE_ISA and use_isa(): "avx2", "avx512"
   const char* label;  // for logs: the instruction sets it uses
+  // The most rows for which `matmul` beats dequantizing the weight for an fp32 GEMM (slab_gemm).
+  int64_t kernel_max_rows;
   bool (*runs_here)();  // whether this CPU and OS support them (CPUID)
   // out[M, N] = x[M, K] @ W^T, fp32, threads from PyTorch's intra-op pool.
   void (*matmul)(const float* x, int64_t M, const BlockMatrix& w, float* out);

@@ -157,6 +157,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa_variants", &lmserve::isa_variants, "(name, label, runs on this CPU) of each kernel variant, best first");
   m.def("use_isa", &lmserve::use_isa, "run the named kernel variant from now on");
   m.def("isa", [] { return std::string(lmserve::kernels().name); }, "the name of the kernel variant in use");
+  m.def("kernel_max_rows", [] { return lmserve::kernels().kernel_max_rows; },
+        "the most rows the variant in use multiplies faster than a dequantize-then-fp32-GEMM");
   m.def("block_gather_rows", &block_gather_rows, "dense fp32 copies of the given rows of a block-quantized weight",
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }

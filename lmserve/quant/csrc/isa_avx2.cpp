@@ -17,6 +17,9 @@ struct Vec {
   static constexpr const char* kName = "avx2";
   static constexpr const char* kLabel = "AVX2+FMA";
   static constexpr int kFloats = 8, kBlocks = 1, kTileRows = 4;
+  // Matmuls past this many rows are faster as dequantize-then-fp32-GEMM (measured on Zen 3 and on
+  // an AVX-512 Xeon running this variant: the kernel's crossover there is 32-64 rows).
+  static constexpr int64_t kKernelMaxRows = 32;
   using F = __m256;
   using I = __m256i;
 

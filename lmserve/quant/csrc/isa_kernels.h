@@ -451,7 +451,8 @@ std::pair<int64_t, float> argmax_logsumexp(const float* x, int64_t n) {
 
 }  // namespace
 
-const IsaKernels kernels = {V::kName,   V::kLabel, &V::runs_here,     &matmul,           &rms_norm,
-                            &silu_mul, &gelu_tanh_mul, &attend, &argmax_logsumexp, &dot_typed<KvType::kF32>,
+const IsaKernels kernels = {V::kName,          V::kLabel,        V::kKernelMaxRows, &V::runs_here,
+                            &matmul,           &rms_norm,        &silu_mul,         &gelu_tanh_mul,
+                            &attend,           &argmax_logsumexp, &dot_typed<KvType::kF32>,
                             &dot_typed<KvType::kBF16>, &add_combination_typed<KvType::kF32>,
                             &add_combination_typed<KvType::kBF16>};
