@@ -235,8 +235,9 @@ class AsyncEngine:
                     return
                 self._run_scores()
                 if self.engine.has_unfinished_requests():
-                    self._step()
-                self._publish_stats()
+                    self._step()  # publishes the step's figures itself, before its outputs
+                else:
+                    self._publish_stats()
             except Exception as exc:  # a bug outside step(): fail what is in flight, keep serving
                 logger.exception("engine loop error")
                 self._fail_all(EngineStepError(f"engine loop error ({type(exc).__name__}: {exc})"))
@@ -331,6 +332,7 @@ class AsyncEngine:
             else:
                 logger.exception("engine step failed; failing %d request(s) in flight", len(self._streams))
             self._fail_all(EngineStepError(f"the model step failed ({type(exc).__name__}: {exc})"))
+            self._publish_stats()
             return
         self._publish_stats()  # before the outputs: a client that sees a token sees the figures of its step
         for output in outputs:
